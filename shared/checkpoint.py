@@ -1,0 +1,120 @@
+"""Loading official network checkpoints (plain state dicts) with clear errors.
+
+Files are read with `torch.load(weights_only=True)` or safetensors only, never unpickled freely.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shared.network import VARIANTS, MMAudio, build_network
+
+# Older official files also hold these non-persistent tables; they are rebuilt from lengths.
+LEGACY_KEYS = ("t_embed.freqs", "latent_rot", "clip_rot")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used, with a message a user can act on."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth`/`.pt` (weights_only) or `.safetensors` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable weight file (truncated or corrupt?): {reason}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a plain state dict of tensors, found {type(state).__name__}"
+                              " with other entries")
+    return state
+
+
+def infer_variant(state_dict: dict[str, torch.Tensor]) -> str:
+    """The official variant whose shapes these are (network.md's rule)."""
+    try:
+        latent_dim = state_dict["latent_mean"].shape[-1]
+        hidden_dim = state_dict["clip_cond_proj.weight"].shape[0]
+    except KeyError as missing:
+        raise CheckpointError(f"not an MMAudio network state dict (no {missing} key)") from None
+    joint_blocks = {key.split(".")[1] for key in state_dict if key.startswith("joint_blocks.")}
+    if latent_dim == 20:
+        return "small_16k"
+    if hidden_dim == 448:
+        return "small_44k"
+    if len(joint_blocks) == 4:
+        return "medium_44k"
+    return "large_44k_v2" if "clip_input_proj.2.w1.weight" in state_dict else "large_44k"
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """The first missing, unexpected and differently shaped keys, for an error message."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}"
+                for k in expected if k in found and found[k].shape != expected[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{label}: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_network(path: str | os.PathLike, variant: str | None = None,
+                 device: torch.device | str = "cpu", **hyperparameters) -> MMAudio:
+    """An official network file → MMAudio, strictly loaded, variant inferred when not given.
+
+    Extra hyper-parameters (e.g. other sequence lengths) are passed to `build_network`.
+    """
+    state = {k: v for k, v in read_state_dict(path).items() if k not in LEGACY_KEYS}
+    inferred = variant is None
+    if inferred:
+        try:
+            variant = infer_variant(state)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    elif variant not in VARIANTS:
+        raise CheckpointError(f"{path}: unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    with torch.device("meta"):
+        network = build_network(variant, **hyperparameters)
+    expected = network.state_dict()
+    mismatch = describe_mismatch(expected, state)
+    if mismatch:
+        how = "inferred" if inferred else "given"
+        raise CheckpointError(f"{path}: does not fit network variant {variant} ({how}): {mismatch}")
+    network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    network.rebuild_buffers()
+    # Statistics and null text features are data, not trainable weights.
+    for name in ("latent_mean", "latent_std", "empty_string_feat"):
+        getattr(network, name).requires_grad_(False)
+    return network.to(device)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a plain state dict atomically: `.safetensors` by suffix, else torch's format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(tensors, temporary)
+        else:
+            torch.save(tensors, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,76 @@
+"""Conditional flow matching: the training objective and the Euler sampler.
+
+x0 is Gaussian noise, x1 the normalized data latent; t runs from 0 (noise) to 1 (data).
+min_sigma is 0 in every official setting, so the path is the straight line between them.
+"""
+from __future__ import annotations
+
+import torch
+
+from shared.network import MMAudio, Conditions
+
+
+def sample_time(batch_size: int, *, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Logit-normal times: t = sigmoid(n), n ~ N(mean, std), one per sample."""
+    n = torch.randn(batch_size, generator=generator, device=device) * std + mean
+    return torch.sigmoid(n)
+
+
+def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t on the straight path from noise x0 to data x1, t of shape (B,)."""
+    t = t.view(-1, *([1] * (x1.dim() - 1)))
+    return (1 - t) * x0 + t * x1
+
+
+def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    return x1 - x0
+
+
+def flow_loss(predicted: torch.Tensor, target: torch.Tensor,
+              valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample squared error (B,), averaged over channels and valid latent frames.
+
+    `valid_mask` (B, N) marks frames inside each clip's real duration; padded frames carry no
+    loss, so a clip padded to the window is not taught to produce its padding. Without a mask
+    every frame counts, which is the reference loss.
+    """
+    squared = (predicted.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    if valid_mask is None:
+        return squared.mean(dim=1)
+    mask = valid_mask.to(squared.dtype)
+    frames = mask.sum(dim=1)
+    if bool((frames == 0).any()):
+        raise ValueError("a sample has no valid latent frame; its loss is undefined")
+    return (squared * mask).sum(dim=1) / frames
+
+
+def valid_frame_mask(valid_frames: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, seq_len) boolean mask from each sample's count of valid leading frames."""
+    positions = torch.arange(seq_len, device=valid_frames.device)
+    return positions[None, :] < valid_frames[:, None]
+
+
+def guided_flow(network: MMAudio, t: torch.Tensor, x: torch.Tensor, conditions: Conditions,
+                empty_conditions: Conditions, cfg_strength: float) -> torch.Tensor:
+    """The flow with classifier-free guidance: cfg * f(cond) + (1 - cfg) * f(empty)."""
+    t = t.expand(x.shape[0])
+    if cfg_strength < 1.0:
+        return network.predict_flow(x, t, conditions)
+    conditional = network.predict_flow(x, t, conditions)
+    unconditional = network.predict_flow(x, t, empty_conditions)
+    return cfg_strength * conditional + (1.0 - cfg_strength) * unconditional
+
+
+@torch.no_grad()
+def euler_sample(network: MMAudio, x0: torch.Tensor, conditions: Conditions,
+                 empty_conditions: Conditions, *, num_steps: int = 25,
+                 cfg_strength: float = 4.5) -> torch.Tensor:
+    """Integrate the guided flow from noise x0 (t=0) to a normalized latent (t=1) with Euler."""
+    times = torch.linspace(0, 1, num_steps + 1, device=x0.device, dtype=torch.float32)
+    x = x0
+    for t_now, t_next in zip(times[:-1], times[1:]):
+        flow = guided_flow(network, t_now.reshape(1).to(x.dtype), x, conditions, empty_conditions,
+                           cfg_strength)
+        x = x + (t_next - t_now).to(x.dtype) * flow
+    return x

@@ -1,0 +1,83 @@
+"""Sequence lengths of the model's window, derived from mode and duration.
+
+Every other module asks this one for lengths; none retypes 250, 345, 64 or 192.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Audio properties of each mode: sample rate and mel hop (the spectrogram frame rate).
+AUDIO_MODES: dict[str, tuple[int, int]] = {"16k": (16000, 256), "44k": (44100, 512)}
+
+CLIP_FPS = 8
+SYNC_FPS = 25
+SYNC_WINDOW_FRAMES = 16
+SYNC_WINDOW_STRIDE = 8
+SYNC_TOKENS_PER_WINDOW = 8
+TEXT_SEQ_LEN = 77
+DEFAULT_DURATION_SEC = 8.0
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """The lengths of every stream for one audio mode and window duration."""
+
+    mode: str = "16k"
+    duration_sec: float = DEFAULT_DURATION_SEC
+
+    def __post_init__(self) -> None:
+        if self.mode not in AUDIO_MODES:
+            raise ValueError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
+        if self.sync_windows < 1:
+            raise ValueError(
+                f"duration {self.duration_sec} s is too short: Synchformer needs at least "
+                f"{SYNC_WINDOW_FRAMES / SYNC_FPS:.2f} s of video"
+            )
+
+    @property
+    def sampling_rate(self) -> int:
+        return AUDIO_MODES[self.mode][0]
+
+    @property
+    def hop_length(self) -> int:
+        return AUDIO_MODES[self.mode][1]
+
+    @property
+    def latent_seq_len(self) -> int:
+        # The VAE halves the mel frame rate.
+        return math.ceil(self.duration_sec * self.sampling_rate / self.hop_length / 2)
+
+    @property
+    def clip_seq_len(self) -> int:
+        return int(self.duration_sec * CLIP_FPS)
+
+    @property
+    def sync_frames(self) -> int:
+        return int(self.duration_sec * SYNC_FPS)
+
+    @property
+    def sync_windows(self) -> int:
+        return (self.sync_frames - SYNC_WINDOW_FRAMES) // SYNC_WINDOW_STRIDE + 1
+
+    @property
+    def sync_seq_len(self) -> int:
+        return self.sync_windows * SYNC_TOKENS_PER_WINDOW
+
+    @property
+    def text_seq_len(self) -> int:
+        return TEXT_SEQ_LEN
+
+    @property
+    def mel_frames(self) -> int:
+        return self.latent_seq_len * 2
+
+    @property
+    def num_audio_samples(self) -> int:
+        """Samples the window covers (rounded up to whole latent frames)."""
+        return self.latent_seq_len * self.hop_length * 2
+
+    def valid_latent_frames(self, duration_sec: float) -> int:
+        """How many latent frames hold real audio for a clip of `duration_sec` (≤ the window)."""
+        real = min(duration_sec, self.duration_sec)
+        return min(self.latent_seq_len, math.ceil(real * self.sampling_rate / self.hop_length / 2))
