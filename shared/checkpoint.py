@@ -20,8 +20,8 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used, with a message a user can act on."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a `.pth`/`.pt` (weights_only) or `.safetensors` file."""
+def read_checkpoint(path: str | os.PathLike):
+    """The content of a `.pth`/`.pt` (weights_only: tensors and containers only) or `.safetensors` file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -34,6 +34,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as error:  # torch raises several unrelated types for a bad file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a readable weight file (truncated or corrupt?): {reason}") from None
+    return state
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file that holds a plain state dict."""
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a plain state dict of tensors, found {type(state).__name__}"
                               " with other entries")
@@ -71,6 +77,16 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     return "; ".join(parts)
 
 
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                what: str, assign: bool = False) -> None:
+    """Load a state dict strictly, or raise one line naming the file, the model and the first mismatches."""
+    expected = module.state_dict()
+    mismatch = describe_mismatch(expected, state)
+    if mismatch:
+        raise CheckpointError(f"{path}: does not fit {what}: {mismatch}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
+
+
 def load_network(path: str | os.PathLike, variant: str | None = None,
                  device: torch.device | str = "cpu", **hyperparameters) -> MMAudio:
     """An official network file → MMAudio, strictly loaded, variant inferred when not given.
@@ -88,12 +104,8 @@ def load_network(path: str | os.PathLike, variant: str | None = None,
         raise CheckpointError(f"{path}: unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     with torch.device("meta"):
         network = build_network(variant, **hyperparameters)
-    expected = network.state_dict()
-    mismatch = describe_mismatch(expected, state)
-    if mismatch:
-        how = "inferred" if inferred else "given"
-        raise CheckpointError(f"{path}: does not fit network variant {variant} ({how}): {mismatch}")
-    network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    how = "inferred" if inferred else "given"
+    load_strict(network, state, path, f"network variant {variant} ({how})", assign=True)
     network.rebuild_buffers()
     # Statistics and null text features are data, not trainable weights.
     for name in ("latent_mean", "latent_std", "empty_string_feat"):

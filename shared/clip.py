@@ -1,0 +1,88 @@
+"""CLIP image and text features through open_clip (`ViT-H-14-378-quickgelu`, DFN5B weights)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_NAME = "ViT-H-14-378-quickgelu"
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_model_config(profile: str = "real") -> dict:
+    """open_clip's configuration of the model; `tiny` keeps its input size, patch and vocabulary."""
+    import open_clip
+
+    from shared.profiles import TINY_CLIP, check_profile
+
+    config = copy.deepcopy(open_clip.get_model_config(MODEL_NAME))
+    if check_profile(profile) == "tiny":
+        config["embed_dim"] = TINY_CLIP["embed_dim"]
+        config["vision_cfg"].update(TINY_CLIP["vision_cfg"])
+        config["text_cfg"].update(TINY_CLIP["text_cfg"])
+    return config
+
+
+class ClipEncoder(nn.Module):
+    """Per-frame image features and per-token caption features, as MMAudio conditions on them."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_mean.device
+
+    @torch.no_grad()
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 384, 384) in [0, 1] → (N, D), L2-normalized.
+
+        The model is 378 px; its stride-14 patch convolution takes 27 x 27 patches from the
+        384-px frames and ignores the last 6 rows and columns, as the reference does.
+        """
+        frames = (frames.to(self.device, torch.float32) - self.image_mean) / self.image_std
+        return self.model.encode_image(frames, normalize=True)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions))
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions → (B, 77, D): every token after the final layer norm, L2-normalized.
+
+        Not the pooled CLIP embedding: MMAudio attends over all 77 token features.
+        """
+        model = self.model
+        tokens = self.tokenize(captions).to(self.device)
+        x = model.token_embedding(tokens) + model.positional_embedding
+        x = model.transformer(x, attn_mask=model.attn_mask)
+        return F.normalize(model.ln_final(x), dim=-1)
+
+
+def build_clip(profile: str = "real") -> ClipEncoder:
+    """The architecture without weights (random init); see `load_clip` for the real weights."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    config = clip_model_config(profile)
+    model = CLIP(**config).eval()
+    return ClipEncoder(model, open_clip.get_tokenizer(MODEL_NAME))
+
+
+def load_clip(profile: str = "real", weights_dir: str | os.PathLike | None = None,
+              device: torch.device | str = "cpu") -> ClipEncoder:
+    """CLIP ready to encode: the DFN5B weights for `real`, deterministic weights for `tiny`."""
+    from shared.profiles import load_profile_weights
+    from shared.weights import CLIP_WEIGHTS
+
+    encoder = build_clip(profile)
+    load_profile_weights(encoder.model, profile, CLIP_WEIGHTS, weights_dir, MODEL_NAME)
+    return encoder.to(device).eval()

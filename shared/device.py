@@ -1,0 +1,28 @@
+"""Choosing the compute device and telling the user what is usable."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → CUDA when usable, else CPU; `cuda` fails clearly when CUDA is not usable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not usable here (no GPU or no CUDA build)")
+    return device
+
+
+def cuda_status() -> str:
+    """One line on CUDA: usable or not, which GPU, whether bf16 works, after a real operation."""
+    if not torch.cuda.is_available():
+        return "not usable (no GPU visible to torch); everything runs on the CPU, slowly for the real models"
+    try:
+        probe = torch.ones(8, device="cuda", dtype=torch.bfloat16).sum().item()
+    except RuntimeError as error:
+        return f"visible but failing: {error}"
+    name = torch.cuda.get_device_name(0)
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    bf16 = "bf16 ok" if probe == 8 and torch.cuda.is_bf16_supported() else "no bf16"
+    return f"usable: {torch.cuda.device_count()} x {name} ({memory:.0f} GiB, {bf16})"

@@ -1,0 +1,111 @@
+"""The `real` and `tiny` profiles: the same classes, official sizes or small test sizes.
+
+`tiny` shrinks only widths and depths. Sequence lengths, latent widths and preprocessing stay
+those of the real models, so everything downstream of the encoders runs unchanged, with
+deterministic weights and no files. Tests, CI and the offline demo use `tiny`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from shared.network import VARIANTS, NetworkConfig
+from shared.synchformer import SynchformerConfig
+from shared.vae import VAE_CONFIGS, VAEConfig
+
+PROFILES = ("real", "tiny")
+
+# Tiny CLIP: open_clip's ViT-H-14-378 layout (378 px, patch 14, full vocabulary) at small widths.
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16},
+             "text_cfg": {"layers": 2, "width": 32, "heads": 2}}
+TINY_SYNCHFORMER = SynchformerConfig(dim=32, depth=2, num_heads=2)
+TINY_VAE_HIDDEN = 16
+TINY_NETWORK = {"hidden_dim": 64, "depth": 3, "fused_depth": 2, "num_heads": 2}
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Widths of the stored conditioning features (the network's clip/sync/text dims)."""
+
+    clip: int
+    sync: int
+    text: int
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+    return profile
+
+
+def feature_dims(profile: str = "real") -> FeatureDims:
+    if check_profile(profile) == "real":
+        return FeatureDims(clip=1024, sync=768, text=1024)
+    return FeatureDims(clip=TINY_CLIP["embed_dim"], sync=TINY_SYNCHFORMER.dim, text=TINY_CLIP["text_cfg"]["width"])
+
+
+def vae_config(mode: str, profile: str = "real") -> VAEConfig:
+    if mode not in VAE_CONFIGS:
+        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
+    config = VAE_CONFIGS[mode]
+    return config if check_profile(profile) == "real" else replace(config, hidden_dim=TINY_VAE_HIDDEN)
+
+
+def synchformer_config(profile: str = "real") -> SynchformerConfig:
+    return SynchformerConfig() if check_profile(profile) == "real" else TINY_SYNCHFORMER
+
+
+def network_config(variant: str, profile: str = "real") -> NetworkConfig:
+    """An official variant, or for `tiny` a small network with the variant's latent layout."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    official = VARIANTS[variant]
+    if check_profile(profile) == "real":
+        return official
+    dims = feature_dims("tiny")
+    return replace(official, clip_dim=dims.clip, sync_dim=dims.sync, text_dim=dims.text, **TINY_NETWORK)
+
+
+def deterministic_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Weights that depend only on a key and a shape: scaled by fan-in, norms near one."""
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    noise = torch.randn(shape, generator=generator)
+    leaf = key.rsplit(".", 1)[-1]
+    if "std" in leaf:
+        return 1.0 + 0.1 * noise.abs()
+    if len(shape) <= 1 and leaf == "weight" and "norm" in key:
+        return 1.0 + 0.1 * noise
+    if len(shape) >= 2:
+        return noise / math.sqrt(math.prod(shape[1:]))
+    return 0.02 * noise
+
+
+def fill_deterministically(module: nn.Module) -> nn.Module:
+    """Overwrite every floating-point tensor of the state dict with `deterministic_tensor`."""
+    filled = {key: deterministic_tensor(key, tuple(value.shape)).to(value.dtype)
+              if torch.is_floating_point(value) else value
+              for key, value in module.state_dict().items()}
+    module.load_state_dict(filled, strict=True)
+    return module
+
+
+def load_profile_weights(module: nn.Module, profile: str, weight_file, weights_dir: str | os.PathLike | None,
+                         what: str, select=None) -> nn.Module:
+    """Deterministic weights for `tiny`; for `real` the official file, strictly loaded.
+
+    `select` picks the entries the module uses from a file holding more.
+    """
+    from shared.checkpoint import load_strict, read_state_dict
+    from shared.weights import require
+
+    if check_profile(profile) == "tiny":
+        return fill_deterministically(module)
+    path = require(weight_file, weights_dir)
+    state = read_state_dict(path)
+    load_strict(module, select(state) if select else state, path, what)
+    return module

@@ -1,0 +1,209 @@
+"""Synchformer's visual feature extractor (a MotionFormer with divided space-time attention).
+
+Only the visual branch MMAudio uses; the module's keys all sit under `vfeat_extractor.` as in
+the official `synchformer_state_dict.pth`, whose other entries (audio branch, sync transformer)
+are dropped on load.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.sequence import SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE
+
+IMAGE_SIZE = 224
+PATCH_SIZE = 16
+TUBELET = 2  # frames per 3-D patch
+KEY_PREFIX = "vfeat_extractor"
+
+
+@dataclass(frozen=True)
+class SynchformerConfig:
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+class DividedAttention(nn.Module):
+    """Attention within groups of patch tokens (over time or over space), plus the CLS token.
+
+    The CLS query attends to every token; each patch token attends within its group and to CLS.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, frames: int, over_time: bool) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        patches = (tokens - 1) // frames
+        # q, k, v are contiguous thirds; heads are (head, head_dim) inside each.
+        q, k, v = (t.view(batch, tokens, self.num_heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, N, d)
+        cls_out = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            # (B, H, frames * patches, d) → (B, H, groups, group size, d)
+            t = t[:, :, 1:].unflatten(2, (frames, patches))
+            return t.transpose(2, 3) if over_time else t
+
+        q_groups, k_groups, v_groups = grouped(q), grouped(k), grouped(v)
+        groups = q_groups.shape[2]
+        cls_k = k[:, :, None, :1].expand(-1, -1, groups, -1, -1)
+        cls_v = v[:, :, None, :1].expand(-1, -1, groups, -1, -1)
+        out = F.scaled_dot_product_attention(q_groups, torch.cat((cls_k, k_groups), dim=3),
+                                             torch.cat((cls_v, v_groups), dim=3))
+        if over_time:
+            out = out.transpose(2, 3)
+        out = torch.cat((cls_out, out.flatten(2, 3)), dim=2)  # back to token order, CLS first
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DividedSpaceTimeBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DividedAttention(dim, num_heads)
+        self.timeattn = DividedAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        x = x + self.timeattn(self.norm3(x), frames, over_time=True)
+        x = x + self.attn(self.norm1(x), frames, over_time=False)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Kept only so the official state dict loads: the forward pass never uses it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        size = (TUBELET, PATCH_SIZE, PATCH_SIZE)
+        self.proj = nn.Conv3d(3, dim, kernel_size=size, stride=size)
+
+
+class SpatialAggregation(nn.TransformerEncoderLayer):
+    """One pre-norm encoder layer over each time step's patches; its CLS output is kept."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__(d_model=dim, nhead=num_heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0,
+                         activation="gelu", layer_norm_eps=1e-6, batch_first=True, norm_first=True)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (N, patches, D) → (N, D)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        return super().forward(torch.cat((cls, patches), dim=1))[:, 0]
+
+
+class MotionFormer(nn.Module):
+    def __init__(self, config: SynchformerConfig):
+        super().__init__()
+        dim = config.dim
+        grid = IMAGE_SIZE // PATCH_SIZE
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+        self.temp_embed = nn.Parameter(torch.zeros(1, SYNC_WINDOW_FRAMES // TUBELET, dim))
+        self.patch_embed = PatchEmbed(dim)
+        self.patch_embed_3d = PatchEmbed3D(dim)
+        self.blocks = nn.ModuleList([DividedSpaceTimeBlock(dim, config.num_heads, config.mlp_ratio)
+                                     for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.spatial_attn_agg = SpatialAggregation(dim, config.num_heads, config.mlp_ratio)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, H, W) → (N, T / 2, D): one feature per temporal patch."""
+        x = self.patch_embed_3d.proj(video)  # (N, D, t, h, w)
+        n, dim, frames, height, width = x.shape
+        x = x.flatten(2).transpose(1, 2)  # tokens in (time, row, column) order
+        patch_pos = self.pos_embed[:, 1:].repeat(1, frames, 1)
+        time_pos = self.temp_embed[:, :frames].repeat_interleave(height * width, dim=1)
+        x = x + patch_pos + time_pos
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for block in self.blocks:
+            x = block(x, frames)
+        x = self.norm(x[:, 1:])
+        per_frame = x.view(n * frames, height * width, dim)
+        return self.spatial_attn_agg(per_frame).view(n, frames, dim)
+
+
+class Synchformer(nn.Module):
+    """(B, S, 16, 3, 224, 224) windows in [-1, 1] → (B, S, 8, D) features."""
+
+    def __init__(self, config: SynchformerConfig = SynchformerConfig()):
+        super().__init__()
+        self.config = config
+        self.vfeat_extractor = MotionFormer(config)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        batch, segments = windows.shape[:2]
+        video = windows.flatten(0, 1).transpose(1, 2)  # (B S, C, T, H, W)
+        return self.vfeat_extractor(video).unflatten(0, (batch, segments))
+
+
+def visual_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a full Synchformer checkpoint that the visual extractor uses."""
+    return {key: value for key, value in state_dict.items() if key.startswith(KEY_PREFIX)}
+
+
+def sync_windows(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, 3, H, W) → (B, S, 16, 3, H, W): windows of 16 frames with stride 8 (the tail dropped)."""
+    count = (frames.shape[1] - SYNC_WINDOW_FRAMES) // SYNC_WINDOW_STRIDE + 1
+    if count < 1:
+        raise ValueError(f"{frames.shape[1]} sync frames are fewer than one window of {SYNC_WINDOW_FRAMES}")
+    return frames.unfold(1, SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE)[:, :count].movedim(-1, 2)
+
+
+@torch.no_grad()
+def encode_sync_frames(synchformer: Synchformer, frames: torch.Tensor, windows_per_call: int | None = None
+                       ) -> torch.Tensor:
+    """(B, T, 3, 224, 224) sync frames → (B, 8 S, D): window after window, 8 tokens each."""
+    windows = sync_windows(frames)
+    batch, segments = windows.shape[:2]
+    flat = windows.flatten(0, 1).unsqueeze(1)  # (B S, 1, 16, 3, H, W)
+    step = windows_per_call or flat.shape[0]
+    features = torch.cat([synchformer(flat[i:i + step]) for i in range(0, flat.shape[0], step)])
+    return features.view(batch, segments * features.shape[2], -1)
+
+
+def build_synchformer(profile: str = "real") -> Synchformer:
+    from shared.profiles import synchformer_config
+
+    return Synchformer(synchformer_config(profile))
+
+
+def load_synchformer(profile: str = "real", weights_dir: str | os.PathLike | None = None,
+                     device: torch.device | str = "cpu") -> Synchformer:
+    """The visual extractor from `synchformer_state_dict.pth` (other entries dropped), or tiny."""
+    from shared.profiles import load_profile_weights
+    from shared.weights import SYNCHFORMER_WEIGHTS
+
+    synchformer = build_synchformer(profile)
+    load_profile_weights(synchformer, profile, SYNCHFORMER_WEIGHTS, weights_dir, "Synchformer",
+                         select=visual_state_dict)
+    return synchformer.to(device).eval()
