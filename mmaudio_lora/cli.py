@@ -31,7 +31,7 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -99,3 +99,47 @@ def download(
     for path in fetched:
         typer.echo(f"downloaded {path} ({_size(path.stat().st_size)})")
     typer.echo("Nothing to download: all files in place." if not fetched else f"{len(fetched)} file(s) downloaded.")
+
+
+@app.command()
+def features(
+    tsv: Path = typer.Option(Path("data/segmented_clips.tsv"), help="Clip list: `id, label` (MMAudio) or "
+                             "`video_path, start_time, end_time, caption, ...` (segments)."),
+    video_root: Path = typer.Option(Path("data/segmented_videos"), help="Folder the list's paths are relative to."),
+    out: Path = typer.Option(Path("data/features/train"), help="Output folder (replaced atomically)."),
+    profile: str = typer.Option("real", help="real: official weights; tiny: small deterministic models (tests, demo)."),
+    mode: str = typer.Option("44k", help="Audio mode of the network you will train: 16k or 44k."),
+    window: float = typer.Option(8.0, help="Model window in seconds; shorter clips are padded."),
+    strict: bool = typer.Option(False, help="Fail (non-zero exit, output unchanged) when any clip is skipped."),
+    split_long: bool = typer.Option(False, help="Cut clips longer than the window into consecutive windows "
+                                    "instead of keeping only the first."),
+    device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
+    batch_size: int = typer.Option(8, min=1, help="Clips encoded together."),
+    workers: int = typer.Option(2, min=0, help="Decoding processes (DataLoader workers)."),
+    weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+) -> None:
+    """Precompute training features (ExtractedVGG memmaps) for a list of clips; only what changed."""
+    from precompute.clips import ClipListError
+    from precompute.run import FeatureJob, StrictModeError, run_features
+    from shared.checkpoint import CheckpointError
+    from shared.weights import MissingWeightsError
+
+    job = FeatureJob(tsv=tsv, video_root=video_root, out=out, profile=profile, mode=mode, window_sec=window,
+                     strict=strict, split_long=split_long, device=device, batch_size=batch_size, workers=workers,
+                     weights_dir=weights_dir)
+    try:
+        summary = run_features(job)
+    except (ClipListError, MissingWeightsError, CheckpointError, StrictModeError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    if summary.up_to_date:
+        typer.echo(f"{out}: up to date ({summary.clips} clips, {len(summary.skipped)} skipped), "
+                   f"checked in {summary.seconds:.2f} s")
+    else:
+        for line in summary.skipped:
+            typer.echo(f"skipped {line}")
+        typer.echo(f"{out}: {summary.clips - len(summary.skipped)} clips written ({summary.encoded_media} encoded, "
+                   f"{summary.encoded_text} captions encoded, {summary.padded} padded, {len(summary.skipped)} skipped) "
+                   f"in {summary.seconds:.1f} s ({summary.clips_per_second:.2f} clips/s)")
+    if summary.skipped:
+        typer.echo(f"skip report: {out / 'skipped.txt'}")

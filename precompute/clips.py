@@ -1,0 +1,149 @@
+"""Reading the clip list: MMAudio's `id, label` TSV or a segment TSV with paths and times.
+
+Segment schema (no `id`): video_path, start_time, end_time, caption (+ any other columns).
+MMAudio schema: id, label, videos at <video root>/<id>.mp4, the whole clip up to the window.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class ClipListError(ValueError):
+    """The list cannot be used as it is; the message names the file, the rows and the problem."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    row: int  # line number in the TSV (the header is line 1)
+    id: str
+    video: Path
+    start_sec: float
+    end_sec: float | None  # None: up to the end of the file (or the window)
+    caption: str
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
+
+
+def _rows_message(problem: str, rows: list[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, rows[:limit])) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+    return f"rows {shown}: {problem}"
+
+
+def _resolve(video_root: Path, relative: str) -> Path | None:
+    """The video's path under the root, or None when the path escapes it."""
+    root = video_root.resolve()
+    path = (root / relative).resolve()
+    return path if path == root or root in path.parents else None
+
+
+def read_clip_list(tsv: str | Path, video_root: str | Path) -> list[Clip]:
+    """Every clip of the list, validated; one ClipListError naming all the bad rows."""
+    tsv, video_root = Path(tsv), Path(video_root)
+    if not tsv.is_file():
+        raise ClipListError(f"{tsv}: no such file")
+    with open(tsv, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        records = list(reader)
+    if "video_path" in columns:
+        required = ["video_path", "start_time", "end_time"]
+    elif "id" in columns:
+        required = ["id"]
+    else:
+        raise ClipListError(f"{tsv}: needs either an `id` column (MMAudio's `id, label` lists) or "
+                            f"`video_path, start_time, end_time`; found columns {columns}")
+    missing = [c for c in required if c not in columns]
+    caption_column = "caption" if "caption" in columns else "label" if "label" in columns else None
+    if missing or caption_column is None:
+        need = missing + ([] if caption_column else ["caption or label"])
+        raise ClipListError(f"{tsv}: missing column(s) {', '.join(need)}; found {columns}")
+    if not records:
+        raise ClipListError(f"{tsv}: the list has no rows")
+
+    problems: dict[str, list[int]] = {}
+    clips = []
+    for line, record in enumerate(records, start=2):
+        record = {k: (v or "").strip() for k, v in record.items() if k is not None}
+        if "video_path" in columns:
+            relative = record["video_path"]
+            try:
+                start, end = float(record["start_time"]), float(record["end_time"])
+                if not (math.isfinite(start) and math.isfinite(end)):
+                    raise ValueError
+            except ValueError:
+                problems.setdefault("start_time/end_time is not a number", []).append(line)
+                continue
+            if end <= start:
+                problems.setdefault("end_time is not after start_time", []).append(line)
+                continue
+            if start < 0:
+                problems.setdefault("start_time is negative", []).append(line)
+                continue
+            clip_id = record.get("id", "")
+        else:
+            clip_id = record["id"]
+            relative, start, end = f"{clip_id}.mp4", 0.0, None
+        if not relative:
+            problems.setdefault("empty video path or id", []).append(line)
+            continue
+        video = _resolve(video_root, relative)
+        if video is None:
+            problems.setdefault(f"path escapes the video root {video_root}", []).append(line)
+            continue
+        clips.append(Clip(line, clip_id, video, start, end, record[caption_column]))
+    if problems:
+        raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))
+    clips = _assign_ids(clips, video_root.resolve())
+    duplicates: dict[str, list[int]] = {}
+    for clip in clips:
+        duplicates.setdefault(clip.id, []).append(clip.row)
+    repeated = {i: rows for i, rows in duplicates.items() if len(rows) > 1}
+    if repeated:
+        detail = "; ".join(f"id {i!r} on rows {', '.join(map(str, rows))}" for i, rows in list(repeated.items())[:10])
+        raise ClipListError(f"{tsv}: duplicate ids: {detail}")
+    return clips
+
+
+def _assign_ids(clips: list[Clip], root: Path) -> list[Clip]:
+    """Derive a stable, filesystem-safe id where the list gives none: the path (and the times,
+    when one file has several segments); a short hash of the path settles rare collisions."""
+    per_file: dict[Path, int] = {}
+    for clip in clips:
+        per_file[clip.video] = per_file.get(clip.video, 0) + 1
+    derived = []
+    for clip in clips:
+        if clip.id:
+            derived.append(clip)
+            continue
+        stem = _safe_id(str(clip.video.relative_to(root).with_suffix("")).replace("/", "__"))
+        if per_file[clip.video] > 1:
+            stem += f"_{clip.start_sec:g}-{clip.end_sec:g}s"
+        derived.append(replace(clip, id=stem))
+    counts: dict[str, int] = {}
+    for clip in derived:
+        counts[clip.id] = counts.get(clip.id, 0) + 1
+    return [replace(c, id=f"{c.id}_{hashlib.sha1(str(c.video).encode()).hexdigest()[:6]}")
+            if counts[c.id] > 1 and not original.id else c
+            for c, original in zip(derived, clips)]
+
+
+def split_into_windows(clip: Clip, window_sec: float, min_last_sec: float = 1.0) -> list[Clip]:
+    """Consecutive windows of a long segment (`--split-long`); a last piece shorter than
+    `min_last_sec` is dropped (too little to learn from once padded)."""
+    if clip.end_sec is None or clip.end_sec - clip.start_sec <= window_sec + 1e-6:
+        return [clip]
+    pieces, start, index = [], clip.start_sec, 0
+    while clip.end_sec - start > 1e-6:
+        end = min(clip.end_sec, start + window_sec)
+        if end - start >= min_last_sec or index == 0:
+            pieces.append(replace(clip, id=f"{clip.id}_w{index}", start_sec=start, end_sec=end))
+        start, index = end, index + 1
+    return pieces

@@ -1,0 +1,241 @@
+"""Decoding one segment of a video with PyAV: frames for CLIP and Synchformer, and the audio.
+
+Frames are picked as MMAudio's reader picks them; audio is prepared as its training extractor
+prepares it. A segment shorter than the window is padded (last frame repeated, silence) and its
+true duration recorded; a longer one is truncated to the window.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
+
+log = logging.getLogger(__name__)
+
+CLIP_SIZE = 384
+SYNC_SIZE = 224
+PEAK = 0.95
+SILENCE = 1e-6
+# torchaudio's kaiser-windowed sinc, with the reference extractor's parameters.
+RESAMPLE = dict(lowpass_filter_width=64, rolloff=0.9475937167399596, resampling_method="sinc_interp_kaiser",
+                beta=14.769656459379492)
+RESIZE_CHUNK = 16  # frames resized together: bounded memory whatever the source resolution
+
+
+class MediaError(ValueError):
+    """A file that cannot give a training segment; the message says why."""
+
+
+@dataclass
+class Segment:
+    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) in [0, 1]
+    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) in [-1, 1]
+    audio: torch.Tensor  # (num_audio_samples,) mono at the mode's rate
+    duration_sec: float  # real content, ≤ the window; the rest is padding
+
+
+class _FramePicker:
+    """Emits the first decoded frame at or after each target time (target += 1/fps, in float)."""
+
+    def __init__(self, fps: float, count: int):
+        self.step = 1.0 / fps
+        self.count = count
+        self.target = 0.0
+        self.picked: list[int] = []  # index into the kept source frames
+
+    def offer(self, time: float, index: int) -> bool:
+        used = False
+        while len(self.picked) < self.count and time >= self.target:
+            self.picked.append(index)
+            self.target += self.step
+            used = True
+        return used
+
+    @property
+    def full(self) -> bool:
+        return len(self.picked) >= self.count
+
+
+def _resize_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) → float (N, 3, 384, 384) in [0, 1]; aspect ratio not kept."""
+    resized = F.interpolate(frames.float(), size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic", antialias=True)
+    return resized.round().clamp(0, 255) / 255.0  # the reference resizes uint8 images
+
+
+def _resize_sync(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) → short side 224, center crop 224 → float in [-1, 1]."""
+    height, width = frames.shape[-2:]
+    if height <= width:
+        size = (SYNC_SIZE, int(SYNC_SIZE * width / height))
+    else:
+        size = (int(SYNC_SIZE * height / width), SYNC_SIZE)
+    resized = F.interpolate(frames.float(), size=size, mode="bicubic", antialias=True).round().clamp(0, 255)
+    top = int(round((size[0] - SYNC_SIZE) / 2.0))
+    left = int(round((size[1] - SYNC_SIZE) / 2.0))
+    cropped = resized[..., top:top + SYNC_SIZE, left:left + SYNC_SIZE] / 255.0
+    return (cropped - 0.5) / 0.5
+
+
+def _pad_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
+    if frames.shape[0] >= count:
+        return frames[:count]
+    return torch.cat([frames, frames[-1:].expand(count - frames.shape[0], *frames.shape[1:])])
+
+
+def _read_frames(container, start_sec: float, length_sec: float, clip_count: int, sync_count: int):
+    """Decode [start, start + length], pick frames for both rates, resize them in chunks."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    if start_sec > 0:
+        container.seek(int(start_sec / stream.time_base), stream=stream, backward=True, any_frame=False)
+    pickers = {"clip": _FramePicker(CLIP_FPS, clip_count), "sync": _FramePicker(SYNC_FPS, sync_count)}
+    pending: list[torch.Tensor] = []  # source frames some picker still refers to, not yet resized
+    resized = {"clip": [], "sync": []}
+    first_pending = 0  # index of pending[0] among kept frames
+    kept = 0
+    last_time = None
+
+    def flush() -> None:
+        nonlocal pending, first_pending
+        if not pending:
+            return
+        batch = torch.stack(pending)
+        for name, resize in (("clip", _resize_clip), ("sync", _resize_sync)):
+            wanted = [i - first_pending for i in pickers[name].picked[len(resized[name]):]]
+            # only frames a picker emitted get resized, once each, in emission order
+            unique = sorted(set(wanted))
+            if unique:
+                out = resize(batch[unique])
+                position = {source: row for row, source in enumerate(unique)}
+                resized[name].extend(out[position[i]] for i in wanted)
+        first_pending += len(pending)
+        pending = []
+
+    for frame in container.decode(stream):
+        if frame.time is None:
+            continue
+        time = frame.time - start_sec
+        if time < -1e-6:  # before the segment (after a seek to a keyframe)
+            continue
+        if time > length_sec + 1e-6 or all(p.full for p in pickers.values()):
+            break
+        used = [p.offer(time, kept) for p in pickers.values()]
+        if any(used):
+            pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            kept += 1
+        last_time = time
+        if len(pending) >= RESIZE_CHUNK:
+            flush()
+    flush()
+    if not resized["clip"] or not resized["sync"]:
+        raise MediaError("no video frames in the requested time range")
+    frame_rate = float(stream.average_rate) if stream.average_rate else SYNC_FPS
+    video_extent = (last_time or 0.0) + 1.0 / frame_rate
+    return torch.stack(resized["clip"]), torch.stack(resized["sync"]), video_extent
+
+
+def _read_audio(container) -> tuple[np.ndarray, float, int]:
+    """The whole audio track, mono float32 at its own rate, with the time of its first sample.
+
+    The whole track, because the reference extractor peak-normalizes by the whole file's peak.
+    """
+    import av
+
+    if not container.streams.audio:
+        raise MediaError("no audio track (the audio is the training target)")
+    stream = container.streams.audio[0]
+    rate = stream.rate or stream.codec_context.sample_rate
+    resampler = av.AudioResampler(format="fltp")  # planar float at the native rate and layout
+    chunks, first_time = [], None
+    for frame in container.decode(stream):
+        for planar in resampler.resample(frame):
+            if first_time is None:
+                first_time = planar.time if planar.time is not None else 0.0
+            chunks.append(planar.to_ndarray().mean(axis=0))
+    for planar in resampler.resample(None):
+        chunks.append(planar.to_ndarray().mean(axis=0))
+    if not chunks:
+        raise MediaError("the audio track holds no samples")
+    return np.concatenate(chunks).astype(np.float32), first_time or 0.0, rate
+
+
+def _resample_segment(track: np.ndarray, offset: int, count: int, rate: int, target_rate: int) -> torch.Tensor:
+    """Resample track[offset:offset + count] with real samples around it, so the segment's edges
+    come out as if the whole track had been resampled (the reference resamples whole files)."""
+    import torchaudio
+
+    if rate == target_rate:
+        return torch.from_numpy(track[offset:offset + count].copy())
+    unit = rate // math.gcd(rate, target_rate)  # source samples that map to a whole target count
+    margin = unit * math.ceil(0.05 * rate / unit)
+    head = min(offset, margin) // unit * unit
+    window = torch.from_numpy(track[offset - head:offset + count + margin].copy())
+    resampled = torchaudio.transforms.Resample(rate, target_rate, **RESAMPLE)(window)
+    skip = head * target_rate // rate
+    return resampled[skip:skip + math.ceil(count * target_rate / rate)]
+
+
+def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
+                 window_sec: float = 8.0, mode: str = "16k") -> Segment:
+    """Decode `path` from `start_sec` to `end_sec` (None: to the end) into one model window."""
+    import av
+
+    seq = SequenceConfig(mode, window_sec)
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MediaError("empty file (0 bytes)")
+    requested = window_sec if end_sec is None else end_sec - start_sec
+    if requested <= 0:
+        raise MediaError(f"end time {end_sec} is not after start time {start_sec}")
+    if requested > window_sec + 1e-6:
+        log.warning("%s: segment of %.2f s is longer than the %.1f s window; keeping the first %.1f s",
+                    path.name, requested, window_sec, window_sec)
+    length = min(requested, window_sec)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            clip, sync, video_extent = _read_frames(container, start_sec, length, seq.clip_seq_len,
+                                                    seq.sync_frames)
+        with av.open(str(path)) as container:
+            track, first_time, rate = _read_audio(container)
+    except av.error.FFmpegError as error:
+        raise MediaError(f"cannot decode: {error}") from None
+
+    peak = float(np.abs(track).max())
+    offset = max(0, int(round((start_sec - first_time) * rate)))
+    samples = track[offset:offset + int(round(length * rate))]
+    if peak <= SILENCE or not samples.size or float(np.abs(samples).max()) <= SILENCE:
+        raise MediaError("the audio is silent (the audio is the training target)")
+    audio_extent = samples.shape[0] / rate
+    audio = _resample_segment(track / peak * PEAK, offset, samples.shape[0], rate, seq.sampling_rate)
+    audio = F.pad(audio, (0, max(0, seq.num_audio_samples - audio.shape[0])))[: seq.num_audio_samples]
+
+    duration = min(length, video_extent, audio_extent)
+    clip_count = seq.clip_seq_len
+    return Segment(
+        clip_frames=_pad_frames(clip, clip_count),
+        sync_frames=_pad_frames(sync, seq.sync_frames),
+        audio=audio.float(),
+        duration_sec=math.floor(duration * 1000) / 1000,
+    )
+
+
+def probe_duration(path: str | Path) -> float | None:
+    """The container's duration in seconds, without decoding (None when unknown or unreadable)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.duration / av.time_base if container.duration else None
+    except (av.error.FFmpegError, OSError):
+        return None

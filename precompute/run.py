@@ -1,0 +1,269 @@
+"""`features`: decide what changed, encode only that, and replace the output atomically.
+
+Each clip has two fingerprints: the media key (file identity, time range, mode, window, profile and
+the video/audio encoders' weights) decides its audio and video features; the text key (caption
+and CLIP's weights) decides its text features. Features whose key is already in the previous
+output or in the work folder are reused, so a caption edit only runs the text encoder and an
+interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from precompute.clips import Clip, read_clip_list, split_into_windows
+from precompute.store import (
+    FORMAT_VERSION,
+    MEDIA_KEYS,
+    TEXT_KEY,
+    WorkCache,
+    load_rows,
+    read_manifest,
+    recover,
+    write_output,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureJob:
+    tsv: Path
+    video_root: Path
+    out: Path
+    profile: str = "real"
+    mode: str = "16k"
+    window_sec: float = 8.0
+    strict: bool = False
+    split_long: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int = 2
+    weights_dir: Path | None = None
+
+
+@dataclass
+class Item:
+    clip: Clip
+    media_key: str
+    text_key: str
+
+
+@dataclass
+class Summary:
+    out: Path
+    clips: int = 0
+    up_to_date: bool = False
+    encoded_media: int = 0
+    encoded_text: int = 0
+    padded: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    models_loaded: list[str] = field(default_factory=list)
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.encoded_media / self.seconds if self.seconds else 0.0
+
+
+class StrictModeError(RuntimeError):
+    pass
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_identity(path: Path) -> list:
+    try:
+        stat = path.stat()
+    except OSError:
+        return [str(path), "missing"]
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
+    """Every output row with its fingerprints; cheap (reads the list and stats the files)."""
+    clips = read_clip_list(job.tsv, job.video_root)
+    if job.split_long:
+        from precompute.media import probe_duration
+
+        clips = [piece for clip in clips
+                 for piece in split_into_windows(clip if clip.end_sec is not None else
+                                                 _with_probed_end(clip, probe_duration), job.window_sec)]
+    settings = [FORMAT_VERSION, job.mode, job.window_sec, job.profile]
+    return [Item(clip,
+                 media_key=_digest(settings, weights["clip"], weights["synchformer"], weights["vae"],
+                                   _file_identity(clip.video), clip.start_sec, clip.end_sec),
+                 text_key=_digest(FORMAT_VERSION, job.profile, weights["clip"], clip.caption))
+            for clip in clips]
+
+
+def _with_probed_end(clip: Clip, probe_duration) -> Clip:
+    from dataclasses import replace
+
+    duration = probe_duration(clip.video)
+    return clip if duration is None else replace(clip, end_sec=duration)
+
+
+def _entries(items: list[Item]) -> list[list[str]]:
+    return [[item.clip.id, item.clip.caption, item.media_key, item.text_key] for item in items]
+
+
+def run_features(job: FeatureJob, show_progress: bool = True) -> Summary:
+    from precompute.encode import weight_identity
+
+    started = time.perf_counter()
+    out = Path(job.out)
+    recover(out)
+    weights = weight_identity(job.profile, job.mode, job.weights_dir)
+    items = plan(job, weights)
+    summary = Summary(out=out, clips=len(items))
+    previous = read_manifest(out)
+    if previous is not None and previous.get("entries") == _entries(items) and previous.get("weights") == weights:
+        summary.up_to_date = True
+        summary.skipped = previous.get("skipped", [])
+        summary.seconds = time.perf_counter() - started
+        return summary
+    return _encode_and_write(job, items, weights, previous, summary, started, show_progress)
+
+
+def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previous: dict | None,
+                      summary: Summary, started: float, show_progress: bool) -> Summary:
+    import torch
+
+    from precompute.distributed import Ranks
+    from precompute.encode import EncoderSettings, FeatureEncoder
+    from shared.device import resolve_device
+
+    out = Path(job.out)
+    ranks = Ranks.from_environment(job.device)
+    device = ranks.device if ranks.device is not None else resolve_device(job.device)
+    cache = WorkCache(out)
+    old_rows = load_rows(out) if previous else None
+    old_media = {e[2]: i for i, e in enumerate(previous.get("rows", []))} if old_rows is not None else {}
+    old_text = {e[3]: i for i, e in enumerate(previous.get("rows", []))} if old_rows is not None else {}
+
+    media_todo = _unique([i for i in items if i.media_key not in old_media and not cache.has("media", i.media_key)
+                          and cache.skip_reason(i.media_key) is None], "media_key")
+    text_todo = _unique([i for i in items if i.text_key not in old_text and not cache.has("text", i.text_key)],
+                        "text_key")
+    ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
+    encoder = FeatureEncoder(EncoderSettings(job.profile, job.mode, str(device),
+                                             str(job.weights_dir) if job.weights_dir else None))
+    summary.encoded_media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
+    summary.encoded_text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
+    ranks.barrier()
+    summary.timings = dict(encoder.seconds)
+    summary.models_loaded = encoder.loaded_models
+    if not ranks.is_writer:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    written_started = time.perf_counter()
+    kept, skipped_lines = [], []
+    for item in items:
+        reason = None if item.media_key in old_media else cache.skip_reason(item.media_key)
+        if reason is None:
+            kept.append(item)
+        else:
+            skipped_lines.append(f"row {item.clip.row} ({item.clip.id}): {item.clip.video}: {reason}")
+    for line in skipped_lines:
+        log.warning("skipped %s", line)
+    if job.strict and skipped_lines:
+        raise StrictModeError(f"{len(skipped_lines)} clip(s) skipped and --strict is set; the previous output "
+                              f"is unchanged. First: {skipped_lines[0]}")
+    if not kept:
+        raise StrictModeError("no clip could be encoded; the previous output is unchanged")
+
+    def fetch(index: int) -> dict[str, torch.Tensor]:
+        item = kept[index]
+        if item.media_key in old_media:
+            media = {k: old_rows[k][old_media[item.media_key]] for k in MEDIA_KEYS}
+        else:
+            media = cache.get("media", item.media_key)
+        if item.text_key in old_text:
+            text = old_rows[TEXT_KEY][old_text[item.text_key]]
+        else:
+            text = cache.get("text", item.text_key)[TEXT_KEY]
+        return dict(media, **{TEXT_KEY: text})
+
+    from mmaudio_lora import __version__
+
+    shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
+
+    manifest = {
+        "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
+        "profile": job.profile, "mode": job.mode, "window_sec": job.window_sec, "weights": weights,
+        "entries": _entries(items), "rows": _entries(kept), "skipped": skipped_lines,
+        "clips": [{"id": i.clip.id, "row": i.clip.row, "video": str(i.clip.video), "start_sec": i.clip.start_sec,
+                   "end_sec": i.clip.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
+    }
+
+    write_output(out, [{"id": i.clip.id, "label": i.clip.caption} for i in kept], shapes, fetch,
+                 manifest, skipped_lines)
+    cache.clear()
+    durations = load_rows(out)["duration_sec"]
+    summary.padded = int((durations < job.window_sec - 1e-3).sum())
+    summary.skipped = skipped_lines
+    summary.timings["write"] = time.perf_counter() - written_started
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _unique(items: list[Item], key: str) -> list[Item]:
+    seen, unique = set(), []
+    for item in items:
+        if getattr(item, key) not in seen:
+            seen.add(getattr(item, key))
+            unique.append(item)
+    return unique
+
+
+def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, show_progress: bool) -> int:
+    """Decode in DataLoader workers, encode in batches, store each clip as soon as it is done."""
+    if not todo:
+        return 0
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from precompute.decode import SegmentDataset, collate_segments
+
+    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.mode)
+    loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=job.workers,
+                        collate_fn=collate_segments)
+    encoded = 0
+    batches = iter(loader)
+    with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            encoder.seconds["decode (waited for)"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            good = [(index, segment) for index, segment, _ in batch if segment is not None]
+            for index, _, reason in batch:
+                if reason is not None:
+                    cache.put_skip(todo[index].media_key, reason)
+            if good:
+                features = encoder.encode_media([segment for _, segment in good])
+                for row, (index, _) in enumerate(good):
+                    cache.put("media", todo[index].media_key, {k: v[row] for k, v in features.items()})
+                encoded += len(good)
+            progress.update(len(batch))
+    return encoded
+
+
+def _encode_text(todo: list[Item], encoder, cache: WorkCache, batch_size: int) -> int:
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        features = encoder.encode_text([item.clip.caption for item in chunk])
+        for row, item in enumerate(chunk):
+            cache.put("text", item.text_key, {TEXT_KEY: features[row]})
+    return len(todo)

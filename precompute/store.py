@@ -1,0 +1,134 @@
+"""The feature output folder: one ExtractedVGG memmap, its TSV, a manifest and a skip report.
+
+    <out>/memmap/       TensorDict memmap: mean, std, clip_features, sync_features, text_features,
+                        duration_sec (an extra key ExtractedVGG ignores)
+    <out>/clips.tsv     id, label: one row per memmap row, same order
+    <out>/manifest.json tool version, settings, encoder weight identity, per-clip fingerprints
+    <out>/skipped.txt   one line per clip left out, and why
+
+A run writes into a staging folder beside `<out>` and swaps it in; encoded clips wait in a work
+folder beside it (`.<name>.work/`), so a killed run loses nothing and resumes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+from shared.features import MEMMAP_DIR, TSV_NAME
+
+MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.txt"
+MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
+TEXT_KEY = "text_features"
+FORMAT_VERSION = 1
+
+
+def sibling(out: Path, suffix: str) -> Path:
+    return out.parent / f".{out.name}.{suffix}"
+
+
+def recover(out: Path) -> None:
+    """Finish a swap a killed run left half done: the previous output comes back."""
+    old = sibling(out, "old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)
+    elif old.exists():
+        shutil.rmtree(old)
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def load_rows(out: Path):
+    """The previous output's memmap (TensorDict), or None."""
+    from tensordict import TensorDict
+
+    if not (out / MEMMAP_DIR / "meta.json").is_file():
+        return None
+    return TensorDict.load_memmap(out / MEMMAP_DIR)
+
+
+class WorkCache:
+    """Encoded clips waiting to be assembled, one safetensors file per fingerprint."""
+
+    def __init__(self, out: Path):
+        self.root = sibling(out, "work")
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.safetensors"
+
+    def has(self, kind: str, key: str) -> bool:
+        return self._path(kind, key).is_file()
+
+    def put(self, kind: str, key: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
+        os.replace(temporary, path)
+
+    def get(self, kind: str, key: str) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(kind, key)))
+
+    def put_skip(self, key: str, reason: str) -> None:
+        path = self.root / "skip" / f"{key}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+        temporary.write_text(reason)
+        os.replace(temporary, path)
+
+    def skip_reason(self, key: str) -> str | None:
+        path = self.root / "skip" / f"{key}.txt"
+        return path.read_text() if path.is_file() else None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]], fetch, manifest: dict,
+                 skipped_lines: list[str]) -> None:
+    """Assemble the new output in a staging folder, then swap it in for `out`.
+
+    `rows` hold id and label; `fetch(i)` gives row i's tensors by key.
+    """
+    import torch
+    from tensordict import TensorDict
+
+    staging = sibling(out, "staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    count = len(rows)
+    template = TensorDict({key: torch.zeros(()).expand(count, *shape) for key, shape in shapes.items()},
+                          batch_size=[count])
+    memmap = template.memmap_like(prefix=staging / MEMMAP_DIR, num_threads=0)
+    for index in range(count):
+        for key, value in fetch(index).items():
+            memmap[key][index] = value
+    with open(staging / TSV_NAME, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writerow(["id", "label"])
+        writer.writerows([row["id"], row["label"]] for row in rows)
+    (staging / SKIPPED_NAME).write_text("".join(line + "\n" for line in skipped_lines))
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+    old = sibling(out, "old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old.exists():
+        shutil.rmtree(old)
