@@ -132,6 +132,8 @@ def features(
     except (ClipListError, MissingWeightsError, CheckpointError, StrictModeError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
+    if not summary.writer:
+        return
     if summary.up_to_date:
         typer.echo(f"{out}: up to date ({summary.clips} clips, {len(summary.skipped)} skipped), "
                    f"checked in {summary.seconds:.2f} s")
@@ -143,3 +145,77 @@ def features(
                    f"in {summary.seconds:.1f} s ({summary.clips_per_second:.2f} clips/s)")
     if summary.skipped:
         typer.echo(f"skip report: {out / 'skipped.txt'}")
+
+
+@app.command("train")
+def train_command(
+    features: list[Path] = typer.Option(..., "--features", help="Feature folder from `mmaudio-lora features` "
+                                        "(repeat for several)."),
+    run: Path = typer.Option(..., help="Run folder: adapter, checkpoints, metrics.jsonl, TensorBoard logs."),
+    profile: str = typer.Option("real", help="real: an official checkpoint; tiny: the small test network."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Official network file (mmaudio_*.pth); real profile."),
+    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " Inferred from the checkpoint if omitted."),
+    steps: Optional[int] = typer.Option(None, help="Total optimizer steps of the run [default 2000]."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per step [default 8]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any option of train/config.py "
+                                          "(rank, alpha, lr, warmup_steps, schedule, val_fraction, ...)."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank [default 16]."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha [default 16]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default 1e-4]."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of clips held out for validation [default 0.1]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [default 42]."),
+    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint up to --steps."),
+) -> None:
+    """Fine-tune the network with LoRA on precomputed features (encoders are never loaded)."""
+    from shared.checkpoint import CheckpointError
+    from shared.features import FeatureFormatError
+    from train.config import TrainConfig
+    from train.lora import AdapterError
+    from train.loop import train
+
+    try:
+        settings = TrainConfig.from_toml(config) if config else TrainConfig()
+        overrides = {"features": [str(f) for f in features], "run": str(run), "profile": profile,
+                     "checkpoint": str(checkpoint) if checkpoint else None, "variant": variant, "steps": steps,
+                     "batch_size": batch_size, "rank": rank, "alpha": alpha, "lr": lr, "val_fraction": val_fraction,
+                     "device": device, "seed": seed}
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        result = train(settings, resume=resume)
+    except (CheckpointError, FeatureFormatError, AdapterError, ValueError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; LoRA parameters "
+               f"{result.trainable_parameters:,} of {result.total_parameters:,}")
+    best = f", best validation loss {result.best_val_loss:.4f} ({run / 'best' / 'adapter'})" \
+        if result.best_val_loss is not None else ""
+    typer.echo(f"last training loss {result.last_train_loss:.4f}{best}")
+    typer.echo(f"adapter: {run / 'adapter'}; metrics: {run / 'metrics.jsonl'}")
+
+
+@app.command()
+def demo(
+    root: Path = typer.Option(Path("data/demo"), help="Where the demo writes its clips, features and run."),
+    steps: int = typer.Option(200, min=1, help="Training steps."),
+) -> None:
+    """Offline demo: make synthetic clips, precompute features and train LoRA with the tiny profile."""
+    from mmaudio_lora.demo import run_demo
+    from shared.weights import check_files
+
+    result = run_demo(root, steps)
+    typer.echo(f"clips:    {result.tsv} ({result.feature_summary.clips} clips, "
+               f"{result.feature_summary.padded} padded to the 8 s window)")
+    typer.echo(f"features: {result.features}")
+    best = result.train_result.best_val_loss
+    typer.echo(f"run:      {result.run} ({result.train_result.steps} steps, last training loss "
+               f"{result.train_result.last_train_loss:.3f}" + (f", best validation loss {best:.3f})" if best else ")"))
+    typer.echo(f"adapter:  {result.run / 'adapter'}; curves: {result.run / 'metrics.jsonl'}, "
+               f"tensorboard --logdir {result.run / 'tensorboard'}")
+    if all(status.found for status in check_files()):
+        typer.echo("Official weights found: for the real run, put your clips in data/ and run "
+                   "`make features` then `make train`.")
+    else:
+        typer.echo("This used tiny random models. For real fine-tuning: `mmaudio-lora doctor` lists the "
+                   "official files to fetch (`mmaudio-lora download`), then `make features` and `make train`.")

@@ -38,6 +38,16 @@ class Ranks:
 
             dist.barrier()
 
+    def total(self, count: int) -> int:
+        """The sum of a count over all ranks."""
+        if self.world_size == 1:
+            return count
+        import torch.distributed as dist
+
+        value = torch.tensor([count])
+        dist.all_reduce(value)
+        return int(value.item())
+
     @property
     def is_writer(self) -> bool:
         return self.rank == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _pad_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([frames, frames[-1:].expand(count - frames.shape[0], *frames.shape[1:])])
 
 
-def _read_frames(container, start_sec: float, length_sec: float, clip_count: int, sync_count: int):
+def _read_frames(container, start_sec: float, length_sec: float, clip_count: int, sync_count: int,
+                 timings: dict[str, float]):
     """Decode [start, start + length], pick frames for both rates, resize them in chunks."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -106,6 +108,7 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
         nonlocal pending, first_pending
         if not pending:
             return
+        resize_started = time.perf_counter()
         batch = torch.stack(pending)
         for name, resize in (("clip", _resize_clip), ("sync", _resize_sync)):
             wanted = [i - first_pending for i in pickers[name].picked[len(resized[name]):]]
@@ -115,22 +118,23 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
                 out = resize(batch[unique])
                 position = {source: row for row, source in enumerate(unique)}
                 resized[name].extend(out[position[i]] for i in wanted)
+        timings["resize"] = timings.get("resize", 0.0) + time.perf_counter() - resize_started
         first_pending += len(pending)
         pending = []
 
     for frame in container.decode(stream):
         if frame.time is None:
             continue
-        time = frame.time - start_sec
-        if time < -1e-6:  # before the segment (after a seek to a keyframe)
+        frame_time = frame.time - start_sec
+        if frame_time < -1e-6:  # before the segment (after a seek to a keyframe)
             continue
-        if time > length_sec + 1e-6 or all(p.full for p in pickers.values()):
+        if frame_time > length_sec + 1e-6 or all(p.full for p in pickers.values()):
             break
-        used = [p.offer(time, kept) for p in pickers.values()]
+        used = [p.offer(frame_time, kept) for p in pickers.values()]
         if any(used):
             pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
             kept += 1
-        last_time = time
+        last_time = frame_time
         if len(pending) >= RESIZE_CHUNK:
             flush()
     flush()
@@ -183,8 +187,13 @@ def _resample_segment(track: np.ndarray, offset: int, count: int, rate: int, tar
 
 
 def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
-                 window_sec: float = 8.0, mode: str = "16k") -> Segment:
-    """Decode `path` from `start_sec` to `end_sec` (None: to the end) into one model window."""
+                 window_sec: float = 8.0, mode: str = "16k", timings: dict[str, float] | None = None) -> Segment:
+    """Decode `path` from `start_sec` to `end_sec` (None: to the end) into one model window.
+
+    `timings`, when given, accumulates seconds spent resizing frames and decoding the rest.
+    """
+    timings = {} if timings is None else timings
+    started, resized_before = time.perf_counter(), timings.get("resize", 0.0)
     import av
 
     seq = SequenceConfig(mode, window_sec)
@@ -205,7 +214,7 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
             if not container.streams.video:
                 raise MediaError("no video stream")
             clip, sync, video_extent = _read_frames(container, start_sec, length, seq.clip_seq_len,
-                                                    seq.sync_frames)
+                                                    seq.sync_frames, timings)
         with av.open(str(path)) as container:
             track, first_time, rate = _read_audio(container)
     except av.error.FFmpegError as error:
@@ -221,6 +230,8 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
     audio = F.pad(audio, (0, max(0, seq.num_audio_samples - audio.shape[0])))[: seq.num_audio_samples]
 
     duration = min(length, video_extent, audio_extent)
+    resizing = timings.get("resize", 0.0) - resized_before
+    timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started - resizing
     clip_count = seq.clip_seq_len
     return Segment(
         clip_frames=_pad_frames(clip, clip_count),

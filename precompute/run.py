@@ -66,6 +66,7 @@ class Summary:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     models_loaded: list[str] = field(default_factory=list)
+    writer: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
     @property
     def clips_per_second(self) -> float:
@@ -159,10 +160,13 @@ def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previou
                                              str(job.weights_dir) if job.weights_dir else None))
     summary.encoded_media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
     summary.encoded_text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
-    ranks.barrier()
+    # These collectives also wait for every rank to finish encoding before rank 0 assembles.
+    summary.encoded_media = ranks.total(summary.encoded_media)
+    summary.encoded_text = ranks.total(summary.encoded_text)
     summary.timings = dict(encoder.seconds)
     summary.models_loaded = encoder.loaded_models
     if not ranks.is_writer:
+        summary.writer = False
         summary.seconds = time.perf_counter() - started
         return summary
 

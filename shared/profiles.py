@@ -1,5 +1,7 @@
 """The `real` and `tiny` profiles: the same classes, official sizes or small test sizes.
 
+This module imports no encoder: the trainer reads feature widths from here.
+
 `tiny` shrinks only widths and depths. Sequence lengths, latent widths and preprocessing stay
 those of the real models, so everything downstream of the encoders runs unchanged, with
 deterministic weights and no files. Tests, CI and the offline demo use `tiny`.
@@ -15,15 +17,13 @@ import torch
 from torch import nn
 
 from shared.network import VARIANTS, NetworkConfig
-from shared.synchformer import SynchformerConfig
-from shared.vae import VAE_CONFIGS, VAEConfig
 
 PROFILES = ("real", "tiny")
 
 # Tiny CLIP: open_clip's ViT-H-14-378 layout (378 px, patch 14, full vocabulary) at small widths.
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16},
              "text_cfg": {"layers": 2, "width": 32, "heads": 2}}
-TINY_SYNCHFORMER = SynchformerConfig(dim=32, depth=2, num_heads=2)
+TINY_SYNCHFORMER = {"dim": 32, "depth": 2, "num_heads": 2}
 TINY_VAE_HIDDEN = 16
 TINY_NETWORK = {"hidden_dim": 64, "depth": 3, "fused_depth": 2, "num_heads": 2}
 
@@ -46,18 +46,7 @@ def check_profile(profile: str) -> str:
 def feature_dims(profile: str = "real") -> FeatureDims:
     if check_profile(profile) == "real":
         return FeatureDims(clip=1024, sync=768, text=1024)
-    return FeatureDims(clip=TINY_CLIP["embed_dim"], sync=TINY_SYNCHFORMER.dim, text=TINY_CLIP["text_cfg"]["width"])
-
-
-def vae_config(mode: str, profile: str = "real") -> VAEConfig:
-    if mode not in VAE_CONFIGS:
-        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
-    config = VAE_CONFIGS[mode]
-    return config if check_profile(profile) == "real" else replace(config, hidden_dim=TINY_VAE_HIDDEN)
-
-
-def synchformer_config(profile: str = "real") -> SynchformerConfig:
-    return SynchformerConfig() if check_profile(profile) == "real" else TINY_SYNCHFORMER
+    return FeatureDims(clip=TINY_CLIP["embed_dim"], sync=TINY_SYNCHFORMER["dim"], text=TINY_CLIP["text_cfg"]["width"])
 
 
 def network_config(variant: str, profile: str = "real") -> NetworkConfig:

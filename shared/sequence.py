@@ -76,8 +76,3 @@ class SequenceConfig:
     def num_audio_samples(self) -> int:
         """Samples the window covers (rounded up to whole latent frames)."""
         return self.latent_seq_len * self.hop_length * 2
-
-    def valid_latent_frames(self, duration_sec: float) -> int:
-        """How many latent frames hold real audio for a clip of `duration_sec` (≤ the window)."""
-        real = min(duration_sec, self.duration_sec)
-        return min(self.latent_seq_len, math.ceil(real * self.sampling_rate / self.hop_length / 2))

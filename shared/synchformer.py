@@ -191,9 +191,13 @@ def encode_sync_frames(synchformer: Synchformer, frames: torch.Tensor, windows_p
     return features.view(batch, segments * features.shape[2], -1)
 
 
-def build_synchformer(profile: str = "real") -> Synchformer:
-    from shared.profiles import synchformer_config
+def synchformer_config(profile: str = "real") -> SynchformerConfig:
+    from shared.profiles import TINY_SYNCHFORMER, check_profile
 
+    return SynchformerConfig() if check_profile(profile) == "real" else SynchformerConfig(**TINY_SYNCHFORMER)
+
+
+def build_synchformer(profile: str = "real") -> Synchformer:
     return Synchformer(synchformer_config(profile))
 
 

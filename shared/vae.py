@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -211,10 +211,17 @@ class VAE(nn.Module):
         return self.decoder(z) * self.data_std + self.data_mean
 
 
+def vae_config(mode: str, profile: str = "real") -> VAEConfig:
+    from shared.profiles import TINY_VAE_HIDDEN, check_profile
+
+    if mode not in VAE_CONFIGS:
+        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
+    config = VAE_CONFIGS[mode]
+    return config if check_profile(profile) == "real" else replace(config, hidden_dim=TINY_VAE_HIDDEN)
+
+
 def build_vae(mode: str, profile: str = "real") -> VAE:
     """The VAE of an audio mode; `profile="tiny"` shrinks only its hidden width."""
-    from shared.profiles import vae_config
-
     return VAE(vae_config(mode, profile))
 
 

@@ -288,10 +288,11 @@ def test_two_processes_equal_one(dataset, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     subprocess.run(_features_command(tsv, videos, single, ["--device", "cpu"]), check=True, capture_output=True,
                    cwd=REPO)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mmaudio_lora"] + _features_command(tsv, videos, double, ["--device", "cpu"])[3:]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("clips written (3 encoded") == 1  # rank 0 reports for both
     a, rows_a = _load(single)
     b, rows_b = _load(double)
     assert rows_a == rows_b

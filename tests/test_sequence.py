@@ -17,10 +17,12 @@ def test_five_seconds_at_16k():
 
 
 def test_valid_frames_of_a_padded_clip():
-    seq = SequenceConfig("16k", 8.0)
-    assert seq.valid_latent_frames(8.0) == 250
-    assert seq.valid_latent_frames(5.0) == 157
-    assert seq.valid_latent_frames(11.0) == 250
+    import torch
+
+    from train.objective import valid_frames
+
+    frames = valid_frames(torch.tensor([8.0, 5.0, 11.0, 0.0]), SequenceConfig("16k", 8.0))
+    assert frames.tolist() == [250, 157, 250, 1]
 
 
 def test_bad_mode_and_duration():

@@ -1,0 +1,81 @@
+"""Training configuration: defaults chosen for a few dozen clips, a TOML file, CLI overrides.
+
+Why these defaults (67 clips of 2-8 s, one GPU):
+- rank 16, alpha 16: enough capacity to move the sound towards a small domain, few enough
+  parameters (~3.6 M on small_16k) not to memorise 67 clips in a few hundred steps.
+- lr 1e-4 with 100 warm-up steps, then cosine: the usual LoRA range; warm-up keeps the first
+  updates from wrecking the pretrained flow.
+- batch 8, 2000 steps: ~240 epochs over 67 clips; validation every 100 steps and the best
+  checkpoint kept, because small sets overfit (see peft_and_training_notes).
+- weight decay 0 on LoRA factors, gradient clipping at 1.0 (the reference's value).
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_TARGETS = r"(joint_blocks\.\d+\.(latent|clip|text)_block|fused_blocks\.\d+)\.(attn\.qkv|linear1|ffn\.w[123])"
+
+
+@dataclass
+class TrainConfig:
+    features: list[str] = field(default_factory=list)
+    run: str = "data/runs/default"
+    profile: str = "real"
+    checkpoint: str | None = None  # official network file (real profile)
+    variant: str | None = None  # inferred from the checkpoint when not given
+    weights_dir: str | None = None
+    # LoRA
+    rank: int = 16
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: str = DEFAULT_TARGETS
+    use_rslora: bool = False
+    use_dora: bool = False
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 8
+    grad_accumulation: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # or "constant"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    null_condition_probability: float = 0.1
+    seed: int = 42
+    device: str = "auto"
+    # validation and checkpoints
+    val_fraction: float = 0.1
+    val_ids: list[str] = field(default_factory=list)
+    val_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_last: int = 2
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        data = tomllib.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+    def validate(self) -> "TrainConfig":
+        if not self.features:
+            raise ValueError("no --features folder given")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("val_fraction must be in [0, 1)")
+        if min(self.steps, self.batch_size, self.grad_accumulation, self.rank) < 1:
+            raise ValueError("steps, batch_size, grad_accumulation and rank must be positive")
+        return self
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))

@@ -1,0 +1,233 @@
+"""The training run: data, LoRA model, optimizer and schedule, validation, checkpoints, resume.
+
+Run folder:
+    config.json            the resolved configuration
+    metrics.jsonl          one JSON object per logged step (step, train_loss, lr, val_loss)
+    tensorboard/           the same curves for TensorBoard
+    checkpoints/step-N/    adapter/ + trainer_state.pt (the last `keep_last`)
+    best/adapter/          the adapter with the lowest validation loss
+    adapter/               the final adapter (written when the run ends)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.features import data_dim
+from shared.sequence import SequenceConfig
+from train.config import TrainConfig
+from train.data import FeatureSet, epoch_order, split
+from train.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
+from train.objective import training_loss, validation_loss
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class RunResult:
+    run: Path
+    steps: int
+    trainable_parameters: int
+    total_parameters: int
+    last_train_loss: float
+    best_val_loss: float | None
+    seconds: float
+
+
+def _feature_latent_dim(folder: str) -> int | None:
+    meta = Path(folder) / "memmap" / "meta.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text())["mean"]["shape"][-1]
+
+
+def _schedule(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def _latest_checkpoint(run: Path) -> Path | None:
+    checkpoints = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [c for c in checkpoints if (c / STATE_FILE).is_file() and (c / "adapter").is_dir()]
+    return complete[-1] if complete else None
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard (when the tensorboard package is importable)."""
+
+    def __init__(self, run: Path, resume_step: int):
+        self.path = run / "metrics.jsonl"
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            self.writer = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> RunResult:
+    from tqdm import tqdm
+
+    from shared.device import resolve_device
+    from shared.profiles import FeatureDims
+
+    config.validate()
+    started = time.perf_counter()
+    run = Path(config.run)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    network = base_network(config.profile, config.checkpoint, config.variant,
+                           _feature_latent_dim(config.features[0]))
+    net = network.config
+    seq = SequenceConfig(net.mode)
+    if (seq.latent_seq_len, seq.clip_seq_len, seq.sync_seq_len) != (net.latent_seq_len, net.clip_seq_len,
+                                                                     net.sync_seq_len):
+        raise ValueError("the network's sequence lengths are not the 8 s window's")
+    dims = FeatureDims(clip=net.clip_dim, sync=net.sync_dim, text=net.text_dim)
+    features = FeatureSet.load(config.features, data_dim(seq, dims), seq.duration_sec)
+    train_index, val_index = split(features.ids, config.val_fraction, config.val_ids)
+    train_set = features.subset(train_index)
+    val_set = features.subset(val_index) if val_index else None
+
+    model = add_lora(network, lora_config(config.rank, config.alpha, config.lora_dropout, config.target_modules,
+                                          config.use_rslora, config.use_dora))
+    model.to(device)
+    trainable, total = count_parameters(model)
+    log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    noise = torch.Generator().manual_seed(config.seed)
+
+    step, best_val = 0, None
+    latest = _latest_checkpoint(run) if resume else None
+    if resume and latest is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from step 0", run)
+    if latest is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        noise.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best_val = int(state["step"]), state["best_val_loss"]
+        best_val = None if best_val is None or math.isnan(best_val) else float(best_val)
+        log.info("resumed from %s at step %d", latest, step)
+    elif not resume and (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").unlink()
+    config.save(run / "config.json")
+
+    metrics = MetricsLog(run, step)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    per_epoch = max(1, len(train_set) // config.batch_size) if len(train_set) >= config.batch_size else 1
+
+    def batch_at(position: int) -> dict:
+        """Batch number `position` of the run: epochs reshuffled by (seed, epoch), drop-last
+        unless the set is smaller than one batch."""
+        epoch, within = divmod(position, per_epoch)
+        order = epoch_order(len(train_set), config.seed, epoch)
+        indices = order[within * config.batch_size:(within + 1) * config.batch_size]
+        return {k: v.to(device) for k, v in train_set.batch(indices).items()}
+
+    def validate() -> float | None:
+        if val_set is None:
+            return None
+        model.eval()
+        batches = ({k: v.to(device) for k, v in val_set.batch(list(range(i, min(i + config.batch_size,
+                                                                                  len(val_set))))).items()}
+                   for i in range(0, len(val_set), config.batch_size))
+        with autocast:
+            value = validation_loss(network, batches, seq)
+        model.train()
+        return value
+
+    def checkpoint(current_step: int, val_loss: float | None) -> None:
+        folder = run / "checkpoints" / f"step-{current_step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapter(model, folder / "adapter")
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "step": current_step,
+                 "best_val_loss": float("nan") if best_val is None else best_val}
+        temporary = folder / f".{STATE_FILE}.tmp"
+        torch.save(state, temporary)
+        os.replace(temporary, folder / STATE_FILE)
+        for old in sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
+                :-config.keep_last]:
+            shutil.rmtree(old)
+
+    model.train()
+    last_loss = math.nan
+    with tqdm(total=config.steps, initial=step, desc="training", unit="step", disable=not show_progress) as bar:
+        while step < config.steps:
+            optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for micro in range(config.grad_accumulation):
+                batch = batch_at(step * config.grad_accumulation + micro)
+                with autocast:
+                    loss = training_loss(network, batch, seq, noise, config.null_condition_probability)
+                (loss / config.grad_accumulation).backward()
+                total_loss += loss.item() / config.grad_accumulation
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            last_loss = total_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+
+            record = None
+            if step % config.log_every == 0 or step == config.steps:
+                record = {"step": step, "train_loss": total_loss, "lr": scheduler.get_last_lr()[0]}
+            val_loss = validate() if (step % config.val_every == 0 or step == config.steps) else None
+            if val_loss is not None:
+                record = (record or {"step": step, "train_loss": total_loss}) | {"val_loss": val_loss}
+                if best_val is None or val_loss < best_val:
+                    best_val = val_loss
+                    (run / "best").mkdir(exist_ok=True)
+                    save_adapter(model, run / "best" / "adapter")
+                    (run / "best" / "step.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+            if record is not None:
+                metrics.write(record)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint(step, val_loss)
+    save_adapter(model, run / "adapter")
+    metrics.close()
+    return RunResult(run, step, trainable, total, last_loss, best_val, time.perf_counter() - started)

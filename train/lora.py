@@ -1,0 +1,110 @@
+"""The frozen base network and its LoRA adapter (peft), in the standard PEFT file layout."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.network import MMAudio
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def base_network(profile: str, checkpoint: str | None, variant: str | None, latent_dim: int | None = None) -> MMAudio:
+    """The network to adapt: an official file (`real`), or the deterministic tiny network.
+
+    For `tiny` without a variant, the features' latent width picks the mode (20 → 16k).
+    """
+    from shared.network import build_network
+    from shared.profiles import check_profile, fill_deterministically, network_config
+
+    if check_profile(profile) == "real":
+        if checkpoint is None:
+            raise ValueError("the real profile needs --checkpoint (an official mmaudio_*.pth file)")
+        from shared.checkpoint import load_network
+        return load_network(checkpoint, variant)
+    variant = variant or ("small_16k" if latent_dim in (None, 20) else "large_44k_v2")
+    config = network_config(variant, "tiny")
+    network = build_network(None, **asdict(config))
+    return fill_deterministically(network)
+
+
+def lora_config(rank: int, alpha: float, dropout: float, target_modules: str, use_rslora: bool = False,
+                use_dora: bool = False):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      use_rslora=use_rslora, use_dora=use_dora, bias="none")
+
+
+def add_lora(network: MMAudio, config) -> nn.Module:
+    """Freeze the network and wrap it with LoRA layers (in place: `network` itself now runs them)."""
+    from peft import get_peft_model
+
+    targets = [name for name, _ in network.named_modules() if _full_match(config.target_modules, name)]
+    if not targets:
+        raise AdapterError(f"target_modules {config.target_modules!r} matches no module of the network")
+    if config.use_dora:
+        convs = [n for n in targets if not isinstance(network.get_submodule(n), nn.Linear)]
+        if convs:
+            raise AdapterError("DoRA works only on nn.Linear targets (peft's DoRA breaks on the channel-last "
+                               f"Conv1d layers, e.g. {convs[0]}); pick Linear-only target_modules or drop DoRA")
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return get_peft_model(network, config)
+
+
+def _full_match(pattern: str, name: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern, name) is not None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_adapter(peft_model, directory: Path) -> None:
+    """Write the adapter in the PEFT layout, atomically (a temporary folder renamed into place)."""
+    directory = Path(directory)
+    temporary = directory.with_name(f".{directory.name}.tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    peft_model.save_pretrained(str(temporary))
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(temporary, directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_adapter(network: MMAudio, directory: str | Path, is_trainable: bool = False):
+    """Apply a saved adapter to `network`; a wrong or corrupt adapter gives one clear error."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise AdapterError(f"{directory}: not an adapter folder (missing {', '.join(missing)})")
+    try:
+        model = PeftModel.from_pretrained(network, str(directory), is_trainable=is_trainable)
+    except Exception as error:  # peft/safetensors raise many types for bad files
+        raise AdapterError(f"{directory}: cannot load this adapter onto the network "
+                           f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+    return model
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)

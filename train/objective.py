@@ -1,0 +1,78 @@
+"""The training objective: flow matching on stored VAE posteriors, with classifier-free dropout
+and a loss that only counts each clip's real (unpadded) latent frames.
+
+Padded frames are also taken out of the input: there x1 is set to the noise x0, so x_t is pure
+noise whatever was stored. The stored padding (the latent of silence) then has no influence at
+all, and the model is never taught that a short clip continues with silence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shared.flow import flow_loss, interpolate, sample_time, target_velocity, valid_frame_mask
+from shared.network import MMAudio
+from shared.sequence import SequenceConfig
+
+
+def valid_frames(duration_sec: torch.Tensor, seq: SequenceConfig) -> torch.Tensor:
+    frames = torch.ceil(duration_sec.double() * seq.sampling_rate / seq.hop_length / 2).long()
+    return frames.clamp(1, seq.latent_seq_len)
+
+
+def apply_null_conditions(network: MMAudio, batch: dict, drop_video: torch.Tensor,
+                          drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the conditions of dropped samples by the network's empty features."""
+    clip_f, sync_f, text_f = batch["clip_features"], batch["sync_features"], batch["text_features"]
+    video = drop_video.view(-1, 1, 1)
+    clip_f = torch.where(video, network.empty_clip_feat.expand_as(clip_f), clip_f)
+    sync_f = torch.where(video, network.empty_sync_feat.expand_as(sync_f), sync_f)
+    text_f = torch.where(drop_text.view(-1, 1, 1), network.empty_string_feat.expand_as(text_f), text_f)
+    return clip_f, sync_f, text_f
+
+
+def training_loss(network: MMAudio, batch: dict, seq: SequenceConfig, generator: torch.Generator,
+                  null_probability: float = 0.1) -> torch.Tensor:
+    """Mean masked flow-matching loss of one batch; all randomness from `generator` (resumable)."""
+    device = batch["a_mean"].device
+    size = batch["a_mean"].shape[0]
+
+    def noise(shape):
+        return torch.randn(shape, generator=generator).to(device)
+
+    x1 = network.normalize(batch["a_mean"] + batch["a_std"] * noise(batch["a_mean"].shape))
+    t = sample_time(size, generator=generator).to(device)
+    x0 = noise(x1.shape)
+    mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
+    x1 = torch.where(mask.unsqueeze(-1), x1, x0)
+    drop_video = (torch.rand(size, generator=generator) < null_probability).to(device)
+    drop_text = (torch.rand(size, generator=generator) < null_probability).to(device)
+    clip_f, sync_f, text_f = apply_null_conditions(network, batch, drop_video, drop_text)
+    predicted = network(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
+    return flow_loss(predicted, target_velocity(x0, x1), mask).mean()
+
+
+VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def validation_loss(network: MMAudio, batches, seq: SequenceConfig, seed: int = 1234) -> float:
+    """Loss with fixed noise and fixed times, no dropout: comparable from step to step."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for batch in batches:
+        device = batch["a_mean"].device
+        size = batch["a_mean"].shape[0]
+        x1 = network.normalize(batch["a_mean"] + batch["a_std"] *
+                               torch.randn(batch["a_mean"].shape, generator=generator).to(device))
+        mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
+        for t_value in VALIDATION_TIMES:
+            x0 = torch.randn(x1.shape, generator=generator).to(device)
+            t = torch.full((size,), t_value, device=device)
+            x1_t = torch.where(mask.unsqueeze(-1), x1, x0)
+            predicted = network(interpolate(x0, x1_t, t), batch["clip_features"], batch["sync_features"],
+                                batch["text_features"], t)
+            total += flow_loss(predicted, target_velocity(x0, x1_t), mask).sum().item()
+            count += size
+    return total / count if count else math.nan
