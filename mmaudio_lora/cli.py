@@ -151,7 +151,8 @@ def features(
 def train_command(
     features: list[Path] = typer.Option(..., "--features", help="Feature folder from `mmaudio-lora features` "
                                         "(repeat for several)."),
-    run: Path = typer.Option(..., help="Run folder: adapter, checkpoints, metrics.jsonl, TensorBoard logs."),
+    run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder: adapter, checkpoints, metrics.jsonl, "
+                             "TensorBoard logs (under torchrun write --run-dir: torchrun claims --run)."),
     profile: str = typer.Option("real", help="real: an official checkpoint; tiny: the small test network."),
     checkpoint: Optional[Path] = typer.Option(None, help="Official network file (mmaudio_*.pth); real profile."),
     variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " Inferred from the checkpoint if omitted."),
@@ -187,6 +188,8 @@ def train_command(
     except (CheckpointError, FeatureFormatError, AdapterError, ValueError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
+    if not result.writer:
+        return
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; LoRA parameters "
                f"{result.trainable_parameters:,} of {result.total_parameters:,}")
     best = f", best validation loss {result.best_val_loss:.4f} ({run / 'best' / 'adapter'})" \

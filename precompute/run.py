@@ -139,7 +139,7 @@ def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previou
                       summary: Summary, started: float, show_progress: bool) -> Summary:
     import torch
 
-    from precompute.distributed import Ranks
+    from shared.distributed import Ranks
     from precompute.encode import EncoderSettings, FeatureEncoder
     from shared.device import resolve_device
 

@@ -297,3 +297,38 @@ def test_two_processes_equal_one(dataset, tmp_path):
     b, rows_b = _load(double)
     assert rows_a == rows_b
     assert all(torch.equal(a[k], b[k]) for k in a.keys())
+
+
+@pytest.mark.parametrize("clip_id", ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"])
+def test_segment_preprocessing_matches_the_reference_reader(clip_id, reference_dir):
+    """Frames and audio of the real clips against the reference reader and training extractor."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from helpers import relative_error
+    from precompute.media import load_segment
+    from shared.mel import build_mel_converter
+
+    golden = load_file(reference_dir / f"preprocess_{clip_id}.safetensors")
+    segment = load_segment(reference_dir.parent / "data" / "example_videos" / f"{clip_id}.mp4", 0.0, None)
+    assert segment.clip_frames.shape == (64, 3, 384, 384) and segment.sync_frames.shape == (200, 3, 224, 224)
+    assert segment.duration_sec == 8.0
+
+    def near(ours, reference, tolerance):
+        """Each frame's statistics within tolerance of the reference frame or a neighbour (a
+        decoder may round a boundary timestamp the other way)."""
+        scale = reference.abs().max()
+        for i in range(ours.shape[0]):
+            candidates = [reference[j] for j in (i - 1, i, i + 1) if 0 <= j < reference.shape[0]]
+            assert min((ours[i] - c).abs().max() / scale for c in candidates) <= tolerance, i
+
+    near(segment.clip_frames.mean(dim=(2, 3)), golden["clip_mean"], 2e-2)
+    near(segment.clip_frames.std(dim=(2, 3)), golden["clip_std"], 2e-2)
+    near(segment.sync_frames.mean(dim=(2, 3)), golden["sync_mean"], 4e-2)
+    near(segment.sync_frames.std(dim=(2, 3)), golden["sync_std"], 4e-2)
+    for index in (0, 31, 63):
+        assert relative_error(F.avg_pool2d(segment.clip_frames[index], 4), golden[f"clip_frame_{index}_pool4"]) <= 2e-2
+    for index in (0, 100, 199):
+        assert relative_error(F.avg_pool2d(segment.sync_frames[index], 4), golden[f"sync_frame_{index}_pool4"]) <= 4e-2
+    assert relative_error(segment.audio, golden["audio_16k"]) <= 1e-3
+    assert relative_error(build_mel_converter("16k")(segment.audio[None])[0], golden["mel_16k"]) <= 1e-3

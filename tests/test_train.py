@@ -166,3 +166,23 @@ def test_cli_train_with_toml_config(features, tmp_path):
     result = CliRunner().invoke(app, ["train", "--features", str(features), "--run", str(run), "--profile", "tiny",
                                       "--config", str(bad)])
     assert result.exit_code == 1 and "unknown option(s) ranks" in result.output
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(features, tmp_path):
+    def command(run, launcher):
+        return launcher + ["-m", "mmaudio_lora", "train", "--features", str(features), "--run-dir", str(run),
+                           "--profile", "tiny", "--steps", "6", "--batch-size", "4", "--device", "cpu",
+                           "--val-fraction", "0.2"]
+
+    single = subprocess.run(command(tmp_path / "one", [sys.executable]), capture_output=True, text=True, cwd=REPO)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(command(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node=2"]),
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("trained 6 steps") == 1  # rank 0 reports
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)

@@ -42,6 +42,7 @@ class RunResult:
     last_train_loss: float
     best_val_loss: float | None
     seconds: float
+    writer: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
 
 def _feature_latent_dim(folder: str) -> int | None:
@@ -102,11 +103,16 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     from shared.device import resolve_device
     from shared.profiles import FeatureDims
 
+    from shared.distributed import Ranks
+
     config.validate()
     started = time.perf_counter()
     run = Path(config.run)
     run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    ranks = Ranks.from_environment(config.device)
+    device = ranks.device if ranks.device is not None else resolve_device(config.device)
+    if config.batch_size % ranks.world_size:
+        raise ValueError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -126,6 +132,11 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     model = add_lora(network, lora_config(config.rank, config.alpha, config.lora_dropout, config.target_modules,
                                           config.use_rslora, config.use_dora))
     model.to(device)
+    forward = model
+    if ranks.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable, total = count_parameters(model)
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -150,11 +161,13 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         step, best_val = int(state["step"]), state["best_val_loss"]
         best_val = None if best_val is None or math.isnan(best_val) else float(best_val)
         log.info("resumed from %s at step %d", latest, step)
-    elif not resume and (run / "metrics.jsonl").exists():
+    elif not resume and (run / "metrics.jsonl").exists() and ranks.is_writer:
         (run / "metrics.jsonl").unlink()
-    config.save(run / "config.json")
-
-    metrics = MetricsLog(run, step)
+    ranks.barrier()
+    writer = ranks.is_writer
+    if writer:
+        config.save(run / "config.json")
+    metrics = MetricsLog(run, step) if writer else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
     per_epoch = max(1, len(train_set) // config.batch_size) if len(train_set) >= config.batch_size else 1
@@ -164,7 +177,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         unless the set is smaller than one batch."""
         epoch, within = divmod(position, per_epoch)
         order = epoch_order(len(train_set), config.seed, epoch)
-        indices = order[within * config.batch_size:(within + 1) * config.batch_size]
+        indices = order[within * config.batch_size:(within + 1) * config.batch_size][ranks.rank::ranks.world_size]
         return {k: v.to(device) for k, v in train_set.batch(indices).items()}
 
     def validate() -> float | None:
@@ -179,7 +192,9 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         model.train()
         return value
 
-    def checkpoint(current_step: int, val_loss: float | None) -> None:
+    def checkpoint(current_step: int) -> None:
+        if not writer:
+            return
         folder = run / "checkpoints" / f"step-{current_step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         save_adapter(model, folder / "adapter")
@@ -202,9 +217,11 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
             for micro in range(config.grad_accumulation):
                 batch = batch_at(step * config.grad_accumulation + micro)
                 with autocast:
-                    loss = training_loss(network, batch, seq, noise, config.null_condition_probability)
+                    loss = training_loss(network, batch, seq, noise, config.null_condition_probability,
+                                         forward, (ranks.rank, ranks.world_size))
                 (loss / config.grad_accumulation).backward()
                 total_loss += loss.item() / config.grad_accumulation
+            total_loss = ranks.mean(total_loss)
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -219,15 +236,17 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
             val_loss = validate() if (step % config.val_every == 0 or step == config.steps) else None
             if val_loss is not None:
                 record = (record or {"step": step, "train_loss": total_loss}) | {"val_loss": val_loss}
-                if best_val is None or val_loss < best_val:
+                if (best_val is None or val_loss < best_val) and writer:
                     best_val = val_loss
                     (run / "best").mkdir(exist_ok=True)
                     save_adapter(model, run / "best" / "adapter")
                     (run / "best" / "step.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-            if record is not None:
+            if record is not None and writer:
                 metrics.write(record)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoint(step, val_loss)
-    save_adapter(model, run / "adapter")
-    metrics.close()
-    return RunResult(run, step, trainable, total, last_loss, best_val, time.perf_counter() - started)
+                checkpoint(step)
+                ranks.barrier()
+    if writer:
+        save_adapter(model, run / "adapter")
+        metrics.close()
+    return RunResult(run, step, trainable, total, last_loss, best_val, time.perf_counter() - started, writer)

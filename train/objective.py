@@ -33,23 +33,33 @@ def apply_null_conditions(network: MMAudio, batch: dict, drop_video: torch.Tenso
 
 
 def training_loss(network: MMAudio, batch: dict, seq: SequenceConfig, generator: torch.Generator,
-                  null_probability: float = 0.1) -> torch.Tensor:
-    """Mean masked flow-matching loss of one batch; all randomness from `generator` (resumable)."""
+                  null_probability: float = 0.1, forward=None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Mean masked flow-matching loss of one batch; all randomness from `generator` (resumable).
+
+    Under DDP, `forward` is the wrapped model and `batch` holds rows rank::world of the global
+    batch (`shard` = (rank, world)): every rank draws the global batch's noise and keeps its rows,
+    so N processes compute what one process does with the same global batch.
+    """
     device = batch["a_mean"].device
-    size = batch["a_mean"].shape[0]
+    rank, world = shard
+    size = batch["a_mean"].shape[0] * world
+    forward = forward or network
+
+    def draw(values: torch.Tensor) -> torch.Tensor:
+        return values[rank::world].to(device)
 
     def noise(shape):
-        return torch.randn(shape, generator=generator).to(device)
+        return draw(torch.randn((size, *shape[1:]), generator=generator))
 
     x1 = network.normalize(batch["a_mean"] + batch["a_std"] * noise(batch["a_mean"].shape))
-    t = sample_time(size, generator=generator).to(device)
+    t = draw(sample_time(size, generator=generator))
     x0 = noise(x1.shape)
     mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
     x1 = torch.where(mask.unsqueeze(-1), x1, x0)
-    drop_video = (torch.rand(size, generator=generator) < null_probability).to(device)
-    drop_text = (torch.rand(size, generator=generator) < null_probability).to(device)
+    drop_video = draw(torch.rand(size, generator=generator) < null_probability)
+    drop_text = draw(torch.rand(size, generator=generator) < null_probability)
     clip_f, sync_f, text_f = apply_null_conditions(network, batch, drop_video, drop_text)
-    predicted = network(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
+    predicted = forward(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
     return flow_loss(predicted, target_velocity(x0, x1), mask).mean()
 
 

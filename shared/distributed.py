@@ -1,4 +1,4 @@
-"""Sharding clips across `torchrun` processes; rank 0 writes the result."""
+"""Several `torchrun` processes: ranks, sharding, collectives; rank 0 writes results."""
 from __future__ import annotations
 
 import os
@@ -47,6 +47,16 @@ class Ranks:
         value = torch.tensor([count])
         dist.all_reduce(value)
         return int(value.item())
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over all ranks."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
 
     @property
     def is_writer(self) -> bool:
