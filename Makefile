@@ -13,8 +13,10 @@ MODE ?= 44k
 CHECKPOINT ?= data/weights/mmaudio_$(VARIANT).pth
 RUN ?= data/runs/$(VARIANT)
 STEPS ?= 2000
+VIDEO ?= data/new_videos
+OUT ?= data/generated/$(VARIANT)
 
-.PHONY: setup test demo features train bench
+.PHONY: setup test demo features train generate evaluate export bench
 
 setup: $(STAMP)
 
@@ -39,6 +41,17 @@ $(FEATURES)/manifest.json: $(TSV) $(STAMP)
 train: $(STAMP)
 	$(BIN)/mmaudio-lora train --features $(FEATURES) --run $(RUN) --checkpoint $(CHECKPOINT) \
 		--variant $(VARIANT) --steps $(STEPS) --resume
+
+# Audio for a video file or a folder of videos, with the run's final adapter.
+generate: $(STAMP)
+	$(BIN)/mmaudio-lora generate --run $(RUN) --video $(VIDEO) --out $(OUT)
+
+# Base model against the fine-tune on the run's validation clips.
+evaluate: $(STAMP)
+	$(BIN)/mmaudio-lora evaluate --run $(RUN)
+
+export: $(STAMP)
+	$(BIN)/mmaudio-lora export --run $(RUN) --out $(RUN)/merged_$(VARIANT).pth
 
 bench: $(STAMP)
 	$(BIN)/python bench/precompute.py

@@ -16,8 +16,8 @@ from pathlib import Path
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from precompute.clips import read_clip_list
-from precompute.media import load_segment
+from shared.clips import read_clip_list
+from shared.media import load_segment
 from precompute.run import FeatureJob, run_features
 from precompute.synthetic import ClipSpec, write_clip
 

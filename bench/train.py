@@ -22,8 +22,8 @@ from shared.network import build_network
 from shared.profiles import fill_deterministically, network_config
 from shared.sequence import SequenceConfig
 from train.config import DEFAULT_TARGETS
-from train.data import FeatureSet
-from train.lora import add_lora, count_parameters, lora_config
+from shared.features import FeatureSet
+from shared.lora import add_lora, count_parameters, lora_config
 from train.objective import training_loss
 
 

@@ -119,7 +119,7 @@ def features(
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Precompute training features (ExtractedVGG memmaps) for a list of clips; only what changed."""
-    from precompute.clips import ClipListError
+    from shared.clips import ClipListError
     from precompute.run import FeatureJob, StrictModeError, run_features
     from shared.checkpoint import CheckpointError
     from shared.weights import MissingWeightsError
@@ -172,7 +172,7 @@ def train_command(
     from shared.checkpoint import CheckpointError
     from shared.features import FeatureFormatError
     from train.config import TrainConfig
-    from train.lora import AdapterError
+    from shared.lora import AdapterError
     from train.loop import train
 
     try:
@@ -203,7 +203,7 @@ def demo(
     root: Path = typer.Option(Path("data/demo"), help="Where the demo writes its clips, features and run."),
     steps: int = typer.Option(200, min=1, help="Training steps."),
 ) -> None:
-    """Offline demo: make synthetic clips, precompute features and train LoRA with the tiny profile."""
+    """Offline demo: synthetic clips, features, LoRA training and generated audio, with the tiny profile."""
     from mmaudio_lora.demo import run_demo
     from shared.weights import check_files
 
@@ -216,9 +216,131 @@ def demo(
                f"{result.train_result.last_train_loss:.3f}" + (f", best validation loss {best:.3f})" if best else ")"))
     typer.echo(f"adapter:  {result.run / 'adapter'}; curves: {result.run / 'metrics.jsonl'}, "
                f"tensorboard --logdir {result.run / 'tensorboard'}")
+    typer.echo(f"audio:    {result.generated[0]} (clip1, generated with the adapter)")
+    typer.echo(f"video:    {result.generated[-1]}")
     if all(status.found for status in check_files()):
         typer.echo("Official weights found: for the real run, put your clips in data/ and run "
                    "`make features` then `make train`.")
     else:
         typer.echo("This used tiny random models. For real fine-tuning: `mmaudio-lora doctor` lists the "
                    "official files to fetch (`mmaudio-lora download`), then `make features` and `make train`.")
+
+
+@app.command()
+def generate(
+    run: Optional[Path] = typer.Option(None, help="Training run folder: its final adapter and its base-model settings."),
+    adapter: Optional[Path] = typer.Option(None, help="An adapter folder (e.g. RUN/best/adapter or "
+                                           "RUN/checkpoints/step-N/adapter)."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="The base model alone (to compare)."),
+    video: list[Path] = typer.Option([], help="Video file or folder of videos (repeat for several)."),
+    tsv: Optional[Path] = typer.Option(None, help="Clip list as for `features` (segments and captions)."),
+    video_root: Optional[Path] = typer.Option(None, help="Folder the --tsv paths are relative to [default: its folder]."),
+    features: Optional[Path] = typer.Option(None, help="Feature folder from `features`: no encoder is loaded."),
+    clip_id: list[str] = typer.Option([], "--id", help="With --features: only this clip id (repeat)."),
+    out: Path = typer.Option(Path("data/generated"), help="Output folder: <name>.wav and <name>.mp4."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (replaces captions); alone: text-to-audio."),
+    negative_prompt: str = typer.Option("", help="What to steer away from."),
+    duration: Optional[float] = typer.Option(None, help="Seconds of audio [default: each clip's length, up to 8]."),
+    steps: int = typer.Option(25, min=1, help="Euler steps."),
+    cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
+    seed: int = typer.Option(42, help="Noise seed (the same noise for every clip)."),
+    lora_scale: float = typer.Option(1.0, help="Blend: 0 is the base model, 1 the adapter as trained."),
+    profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's, else real]."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's, else the "
+                                              "variant's official file in the weights folder]."),
+    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " [default: the run's, else large_44k_v2]"),
+    batch_size: int = typer.Option(4, min=1, help="Clips sampled together."),
+    device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
+    mp4: bool = typer.Option(True, help="Also write an mp4 with the source picture (video inputs)."),
+    weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+) -> None:
+    """Generate audio for videos, a clip list, precomputed features or a prompt, with or without an adapter."""
+    from generate.model import resolve_source
+    from generate.run import GenerateJob, generate as run_generation
+    from shared.checkpoint import CheckpointError
+    from shared.clips import ClipListError
+    from shared.features import FeatureFormatError
+    from shared.lora import AdapterError
+    from shared.synthesis import SamplingSettings
+    from shared.weights import MissingWeightsError
+
+    if sum([run is not None, adapter is not None, no_adapter]) != 1:
+        raise typer.BadParameter("give exactly one of --run, --adapter or --no-adapter", param_hint="--run")
+    try:
+        source = resolve_source(run, adapter, profile, str(checkpoint) if checkpoint else None, variant,
+                                str(weights_dir) if weights_dir else None)
+        job = GenerateJob(out=out, source=source, videos=video, tsv=tsv, video_root=video_root, features=features,
+                          ids=clip_id, prompt=prompt, negative_prompt=negative_prompt, duration=duration,
+                          sampling=SamplingSettings(steps, cfg, seed), lora_scale=lora_scale,
+                          batch_size=batch_size, device=device, write_video=mp4)
+        summary = run_generation(job)
+    except (AdapterError, CheckpointError, ClipListError, FeatureFormatError, MissingWeightsError,
+            ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    for line in summary.skipped:
+        typer.echo(f"skipped {line}")
+    model = "base model" if no_adapter else f"adapter {source.adapter} (scale {lora_scale:g})"
+    typer.echo(f"{len(summary.written)} file(s) in {summary.out} from {summary.variant} + {model}, "
+               f"{summary.seconds:.1f} s")
+    for path in summary.written[:10]:
+        typer.echo(f"  {path}")
+    if not summary.written:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="Training run folder (its adapter/ and config.json)."),
+    features: Optional[Path] = typer.Option(None, help="Held-out feature folder [default: the run's validation split]."),
+    clip_id: list[str] = typer.Option([], "--id", help="Only this held-out clip id (repeat)."),
+    out: Optional[Path] = typer.Option(None, help="JSON report [default: RUN/evaluation.json]."),
+    steps: int = typer.Option(25, min=1, help="Euler steps for the generated audio."),
+    cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
+    seed: int = typer.Option(42, help="Noise seed (the same for both models)."),
+    lora_scale: float = typer.Option(1.0, help="Adapter blend for the tuned model."),
+    batch_size: int = typer.Option(4, min=1, help="Clips per batch."),
+    device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
+    profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's]."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
+    weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+) -> None:
+    """Compare the base model with the fine-tuned one on held-out clips: flow loss and log-mel L1."""
+    from generate.evaluate import evaluate as run_evaluation
+    from shared.checkpoint import CheckpointError
+    from shared.features import FeatureFormatError
+    from shared.lora import AdapterError
+    from shared.synthesis import SamplingSettings
+    from shared.weights import MissingWeightsError
+
+    try:
+        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed), lora_scale, batch_size,
+                                device, profile, str(checkpoint) if checkpoint else None, weights_dir, out)
+    except (AdapterError, CheckpointError, FeatureFormatError, MissingWeightsError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
+               f"{steps} steps, cfg {cfg:g}, seed {seed}:")
+    typer.echo(result.table())
+    typer.echo(f"report: {out or run / 'evaluation.json'} ({result.seconds:.0f} s)")
+
+
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="Training run folder (its adapter/ and config.json)."),
+    out: Path = typer.Option(..., help="Merged checkpoint to write (.pth); a .safetensors copy goes beside it."),
+    profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's]."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
+) -> None:
+    """Merge the LoRA adapter into the base network: a checkpoint in the official layout."""
+    from generate.export import export_checkpoint
+    from shared.checkpoint import CheckpointError
+    from shared.lora import AdapterError
+
+    try:
+        result = export_checkpoint(run, out, profile, str(checkpoint) if checkpoint else None)
+    except (AdapterError, CheckpointError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{result.pth} and {result.safetensors}: {result.variant}, {result.tensors} tensors, "
+               "no LoRA left (load with MMAudio's own loader, strict)")

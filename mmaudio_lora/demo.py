@@ -1,4 +1,4 @@
-"""The offline demo: synthetic clips → features → LoRA training, with the tiny profile.
+"""The offline demo: synthetic clips → features → LoRA training → generated audio, with the tiny profile.
 
 Needs no weights and no GPU. It runs the same code as the real pipeline, only with small
 deterministic models, so it shows the whole flow in a few minutes on two CPU cores.
@@ -21,6 +21,7 @@ class DemoResult:
     run: Path
     feature_summary: object
     train_result: object
+    generated: list[Path]  # the wav and mp4 of one demo clip, made with the trained adapter
 
 
 def write_demo_clips(root: Path) -> Path:
@@ -40,6 +41,8 @@ def write_demo_clips(root: Path) -> Path:
 
 
 def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
+    from generate.model import resolve_source
+    from generate.run import GenerateJob, generate
     from precompute.run import FeatureJob, run_features
     from train.config import TrainConfig
     from train.loop import train
@@ -53,4 +56,6 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
                          lr=1e-3, warmup_steps=20, val_fraction=0.25, val_every=50, checkpoint_every=100,
                          device="cpu")
     result = train(config)
-    return DemoResult(tsv, features, Path(config.run), summary, result)
+    generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run)),
+                                     videos=[root / "segmented_videos" / "scene1/clip1.mp4"], device="cpu"))
+    return DemoResult(tsv, features, Path(config.run), summary, result, generated.written)

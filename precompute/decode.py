@@ -5,8 +5,8 @@ import logging
 
 from torch.utils.data import Dataset
 
-from precompute.clips import Clip
-from precompute.media import MediaError, Segment, load_segment
+from shared.clips import Clip
+from shared.media import MediaError, Segment, load_segment
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from precompute.media import Segment
+from shared.media import Segment
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from precompute.clips import Clip, read_clip_list, split_into_windows
+from shared.clips import Clip, read_clip_list, split_into_windows
 from precompute.store import (
     FORMAT_VERSION,
     MEDIA_KEYS,
@@ -93,7 +93,7 @@ def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
     """Every output row with its fingerprints; cheap (reads the list and stats the files)."""
     clips = read_clip_list(job.tsv, job.video_root)
     if job.split_long:
-        from precompute.media import probe_duration
+        from shared.media import probe_duration
 
         clips = [piece for clip in clips
                  for piece in split_into_windows(clip if clip.end_sec is not None else

@@ -126,6 +126,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
             save_file(tensors, temporary)
         else:
             torch.save(tensors, temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

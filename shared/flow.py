@@ -5,9 +5,12 @@ min_sigma is 0 in every official setting, so the path is the straight line betwe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from shared.network import MMAudio, Conditions
+from shared.sequence import SequenceConfig
 
 
 def sample_time(batch_size: int, *, generator: torch.Generator | None = None,
@@ -51,6 +54,11 @@ def valid_frame_mask(valid_frames: torch.Tensor, seq_len: int) -> torch.Tensor:
     return positions[None, :] < valid_frames[:, None]
 
 
+def valid_frames(duration_sec: torch.Tensor, seq: SequenceConfig) -> torch.Tensor:
+    frames = torch.ceil(duration_sec.double() * seq.sampling_rate / seq.hop_length / 2).long()
+    return frames.clamp(1, seq.latent_seq_len)
+
+
 def guided_flow(network: MMAudio, t: torch.Tensor, x: torch.Tensor, conditions: Conditions,
                 empty_conditions: Conditions, cfg_strength: float) -> torch.Tensor:
     """The flow with classifier-free guidance: cfg * f(cond) + (1 - cfg) * f(empty)."""
@@ -74,3 +82,28 @@ def euler_sample(network: MMAudio, x0: torch.Tensor, conditions: Conditions,
                            cfg_strength)
         x = x + (t_next - t_now).to(x.dtype) * flow
     return x
+
+
+VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@torch.no_grad()
+def validation_loss(network: MMAudio, batches, seq: SequenceConfig, seed: int = 1234) -> float:
+    """Loss with fixed noise and fixed times, no dropout: comparable from step to step."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for batch in batches:
+        device = batch["a_mean"].device
+        size = batch["a_mean"].shape[0]
+        x1 = network.normalize(batch["a_mean"] + batch["a_std"] *
+                               torch.randn(batch["a_mean"].shape, generator=generator).to(device))
+        mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
+        for t_value in VALIDATION_TIMES:
+            x0 = torch.randn(x1.shape, generator=generator).to(device)
+            t = torch.full((size,), t_value, device=device)
+            x1_t = torch.where(mask.unsqueeze(-1), x1, x0)
+            predicted = network(interpolate(x0, x1_t, t), batch["clip_features"], batch["sync_features"],
+                                batch["text_features"], t)
+            total += flow_loss(predicted, target_velocity(x0, x1_t), mask).sum().item()
+            count += size
+    return total / count if count else math.nan

@@ -193,13 +193,19 @@ class MMAudio(nn.Module):
     def get_empty_conditions(self, batch_size: int,
                              negative_text_features: torch.Tensor | None = None) -> Conditions:
         """Null conditions for classifier-free guidance (a negative prompt replaces the empty text)."""
-        empty_clip = self.empty_clip_feat.expand(self.clip_seq_len, -1).unsqueeze(0)
-        empty_sync = self.empty_sync_feat.expand(self.sync_seq_len, -1).unsqueeze(0)
         if negative_text_features is None:
             text = self.empty_string_feat.unsqueeze(0)
         else:
             text = negative_text_features.reshape(-1, *self.empty_string_feat.shape)[:1]
-        return self.preprocess_conditions(empty_clip, empty_sync, text).expand(batch_size)
+        return self.preprocess_conditions(self.get_empty_clip_sequence(1), self.get_empty_sync_sequence(1),
+                                          text).expand(batch_size)
+
+    def get_empty_clip_sequence(self, batch_size: int) -> torch.Tensor:
+        """The 'no video' CLIP features (B, clip_seq_len, clip_dim): text-to-audio uses them."""
+        return self.empty_clip_feat.expand(batch_size, self.clip_seq_len, -1)
+
+    def get_empty_sync_sequence(self, batch_size: int) -> torch.Tensor:
+        return self.empty_sync_feat.expand(batch_size, self.sync_seq_len, -1)
 
     # -- flow ----------------------------------------------------------------------------------
     def predict_flow(self, latent: torch.Tensor, t: torch.Tensor, conditions: Conditions) -> torch.Tensor:

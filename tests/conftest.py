@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MMAUDIO_LORA_REFERENCE", REPO.parent / "shared" / "reference"))
 EXAMPLE_DATA = REFERENCE.parent / "data"
+FEATURE_CLIP_SECONDS = {f"c{index}": seconds for index, seconds in enumerate([2.0, 3.5, 5.0, 8.0, 4.0, 6.5])}
 
 
 def _load_fill():
@@ -33,3 +34,21 @@ def fill_state_dict():
     """The reference's deterministic filler: same keys and shapes give the same weights."""
     return _load_fill().fill_state_dict
 
+
+@pytest.fixture(scope="session")
+def features(tmp_path_factory):
+    """Tiny-profile features of six generated clips of 2-8 s (a real precompute run)."""
+    from precompute.run import FeatureJob, run_features
+    from precompute.synthetic import ClipSpec, write_clip
+
+    root = tmp_path_factory.mktemp("train-data")
+    lines = ["video_path\tstart_time\tend_time\tcaption"]
+    for index, duration in enumerate(FEATURE_CLIP_SECONDS.values()):
+        write_clip(root / "videos" / f"c{index}.mp4", ClipSpec(duration, width=64, height=48, seed=index,
+                                                                 tone_hz=300 + 100 * index))
+        lines.append(f"c{index}.mp4\t0\t{duration}\tsound {index}")
+    (root / "clips.tsv").write_text("\n".join(lines) + "\n")
+    out = root / "features"
+    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out, profile="tiny",
+                            mode="16k", workers=0), show_progress=False)
+    return out

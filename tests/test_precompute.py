@@ -13,7 +13,7 @@ from tensordict import TensorDict
 from typer.testing import CliRunner
 
 from mmaudio_lora.cli import app
-from precompute.clips import ClipListError, read_clip_list
+from shared.clips import ClipListError, read_clip_list
 from precompute.run import FeatureJob, StrictModeError, run_features
 from precompute.synthetic import ClipSpec, write_clip
 from shared.features import FeatureFormatError, data_dim, open_feature_dir
@@ -296,7 +296,9 @@ def test_two_processes_equal_one(dataset, tmp_path):
     a, rows_a = _load(single)
     b, rows_b = _load(double)
     assert rows_a == rows_b
-    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+    # Equal up to float rounding: each rank batches other clips together, and CPU matrix kernels
+    # block differently for other batch shapes (Synchformer differs by ~1e-6).
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a.keys())
 
 
 @pytest.mark.parametrize("clip_id", ["0B4dYTMsgHA_000130", "F8Zt3mYlOqU_000094"])
@@ -306,7 +308,7 @@ def test_segment_preprocessing_matches_the_reference_reader(clip_id, reference_d
     from safetensors.torch import load_file
 
     from helpers import relative_error
-    from precompute.media import load_segment
+    from shared.media import load_segment
     from shared.mel import build_mel_converter
 
     golden = load_file(reference_dir / f"preprocess_{clip_id}.safetensors")

@@ -19,7 +19,7 @@ def test_five_seconds_at_16k():
 def test_valid_frames_of_a_padded_clip():
     import torch
 
-    from train.objective import valid_frames
+    from shared.flow import valid_frames
 
     frames = valid_frames(torch.tensor([8.0, 5.0, 11.0, 0.0]), SequenceConfig("16k", 8.0))
     assert frames.tolist() == [250, 157, 250, 1]

@@ -7,31 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from precompute.run import FeatureJob, run_features
-from precompute.synthetic import ClipSpec, write_clip
 from shared.features import FeatureFormatError
 from shared.sequence import SequenceConfig
 from train.config import TrainConfig
-from train.lora import AdapterError, base_network, load_adapter
+from shared.lora import AdapterError, base_network, load_adapter
 from train.loop import train
 from train.objective import training_loss
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-data")
-    lines = ["video_path\tstart_time\tend_time\tcaption"]
-    for index, duration in enumerate([2.0, 3.5, 5.0, 8.0, 4.0, 6.5]):
-        write_clip(root / "videos" / f"c{index}.mp4", ClipSpec(duration, width=64, height=48, seed=index,
-                                                                 tone_hz=300 + 100 * index))
-        lines.append(f"c{index}.mp4\t0\t{duration}\tsound {index}")
-    (root / "clips.tsv").write_text("\n".join(lines) + "\n")
-    out = root / "features"
-    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out, profile="tiny",
-                            mode="16k", workers=0), show_progress=False)
-    return out
 
 
 def _config(features, run, **options) -> TrainConfig:
@@ -46,7 +29,7 @@ def _metrics(run):
 
 
 def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
-    base = {k: v.clone() for k, v in base_network("tiny", None, None).state_dict().items()}
+    base = {k: v.clone() for k, v in base_network("tiny", None, None)[0].state_dict().items()}
     config = _config(features, tmp_path / "run", steps=150, lr=3e-3, val_fraction=0.0, null_condition_probability=0.0,
                      val_every=1000, checkpoint_every=1000)
     result = train(config, show_progress=False)
@@ -56,13 +39,13 @@ def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
     # The same fixed-noise loss on the training clips, before and after: it must fall clearly.
     from shared.features import data_dim
     from shared.profiles import feature_dims
-    from train.data import FeatureSet
-    from train.objective import validation_loss
+    from shared.features import FeatureSet
+    from shared.flow import validation_loss
 
     seq = SequenceConfig("16k")
     clips = FeatureSet.load([str(features)], data_dim(seq, feature_dims("tiny")), 8.0)
     batches = [clips.batch(list(range(len(clips))))]
-    network = base_network("tiny", None, None)
+    network = base_network("tiny", None, None)[0]
     before = validation_loss(network, batches, seq)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in base.items())
     model = load_adapter(network, Path(config.run) / "adapter")
@@ -88,7 +71,7 @@ def test_masked_loss_ignores_padded_latents(features):
              "clip_features": dataset.clip_features[:2].clone(), "sync_features": dataset.sync_features[:2].clone(),
              "text_features": dataset.text_features[:2].clone(), "duration_sec": dataset.duration_sec[:2].clone()}
     assert batch["duration_sec"].tolist() == [2.0, 3.5]
-    network = base_network("tiny", None, None)
+    network = base_network("tiny", None, None)[0]
     before = training_loss(network, batch, seq, torch.Generator().manual_seed(0))
     # Latent frames past 3.5 s: ceil(3.5 * 16000 / 256 / 2) = 110. Fill them with anything.
     batch["a_mean"][:, 110:] = 1e3
@@ -142,9 +125,9 @@ def test_bad_inputs_give_clear_errors(features, tmp_path):
     (corrupt / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": "x"}')
     (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="cannot load this adapter"):
-        load_adapter(base_network("tiny", None, None), corrupt)
+        load_adapter(base_network("tiny", None, None)[0], corrupt)
     with pytest.raises(AdapterError, match="not an adapter folder"):
-        load_adapter(base_network("tiny", None, None), tmp_path)
+        load_adapter(base_network("tiny", None, None)[0], tmp_path)
 
 
 def test_cli_train_with_toml_config(features, tmp_path):

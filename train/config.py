@@ -54,6 +54,12 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 250
     keep_last: int = 2
+    # audio samples (0: off): the first `sample_clips` validation clips (training clips without a
+    # validation split), written to RUN/samples/ and TensorBoard
+    sample_every: int = 0
+    sample_clips: int = 2
+    sample_steps: int = 25
+    sample_cfg: float = 4.5
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -73,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction must be in [0, 1)")
+        if self.sample_every < 0 or self.sample_clips < 1 or self.sample_steps < 1:
+            raise ValueError("sample_every must be ≥ 0, sample_clips and sample_steps positive")
         if min(self.steps, self.batch_size, self.grad_accumulation, self.rank) < 1:
             raise ValueError("steps, batch_size, grad_accumulation and rank must be positive")
         return self

@@ -7,6 +7,7 @@ Run folder:
     checkpoints/step-N/    adapter/ + trainer_state.pt (the last `keep_last`)
     best/adapter/          the adapter with the lowest validation loss
     adapter/               the final adapter (written when the run ends)
+    samples/step-N/        generated audio of a few held-out clips (with sample_every)
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from shared.features import data_dim
+from shared.features import FeatureSet, data_dim, split
+from shared.flow import validation_loss
+from shared.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
 from shared.sequence import SequenceConfig
 from train.config import TrainConfig
-from train.data import FeatureSet, epoch_order, split
-from train.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
-from train.objective import training_loss, validation_loss
+from train.objective import training_loss
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -50,6 +51,11 @@ def _feature_latent_dim(folder: str) -> int | None:
     if not meta.is_file():
         return None
     return json.loads(meta.read_text())["mean"]["shape"][-1]
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so resuming repeats it."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 def _schedule(config: TrainConfig):
@@ -116,8 +122,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
-    network = base_network(config.profile, config.checkpoint, config.variant,
-                           _feature_latent_dim(config.features[0]))
+    network, config.variant = base_network(config.profile, config.checkpoint, config.variant,
+                                           _feature_latent_dim(config.features[0]), config.weights_dir)
     net = network.config
     seq = SequenceConfig(net.mode)
     if (seq.latent_seq_len, seq.clip_seq_len, seq.sync_seq_len) != (net.latent_seq_len, net.clip_seq_len,
@@ -129,6 +135,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     train_set = features.subset(train_index)
     val_set = features.subset(val_index) if val_index else None
 
+    info = {"variant": config.variant, "profile": config.profile}
     model = add_lora(network, lora_config(config.rank, config.alpha, config.lora_dropout, config.target_modules,
                                           config.use_rslora, config.use_dora))
     model.to(device)
@@ -192,12 +199,27 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         model.train()
         return value
 
+    samples = None
+    if config.sample_every and writer:
+        from shared.synthesis import AudioDecoder, SamplingSettings
+        from train.samples import SampleWriter
+
+        sample_set = val_set if val_set is not None else train_set
+        samples = SampleWriter(run, sample_set.subset(list(range(min(config.sample_clips, len(sample_set))))),
+                               AudioDecoder(net.mode, config.profile, config.weights_dir, device),
+                               SamplingSettings(config.sample_steps, config.sample_cfg, config.seed))
+
+    def write_samples(current_step: int) -> None:
+        model.eval()
+        samples.write(network, current_step, metrics.writer)
+        model.train()
+
     def checkpoint(current_step: int) -> None:
         if not writer:
             return
         folder = run / "checkpoints" / f"step-{current_step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, folder / "adapter")
+        save_adapter(model, folder / "adapter", info)
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "step": current_step,
                  "best_val_loss": float("nan") if best_val is None else best_val}
@@ -239,14 +261,16 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
                 if (best_val is None or val_loss < best_val) and writer:
                     best_val = val_loss
                     (run / "best").mkdir(exist_ok=True)
-                    save_adapter(model, run / "best" / "adapter")
+                    save_adapter(model, run / "best" / "adapter", info)
                     (run / "best" / "step.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
             if record is not None and writer:
                 metrics.write(record)
+            if samples is not None and (step % config.sample_every == 0 or step == config.steps):
+                write_samples(step)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint(step)
                 ranks.barrier()
     if writer:
-        save_adapter(model, run / "adapter")
+        save_adapter(model, run / "adapter", info)
         metrics.close()
     return RunResult(run, step, trainable, total, last_loss, best_val, time.perf_counter() - started, writer)

@@ -7,18 +7,11 @@ all, and the model is never taught that a short clip continues with silence.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from shared.flow import flow_loss, interpolate, sample_time, target_velocity, valid_frame_mask
+from shared.flow import flow_loss, interpolate, sample_time, target_velocity, valid_frame_mask, valid_frames
 from shared.network import MMAudio
 from shared.sequence import SequenceConfig
-
-
-def valid_frames(duration_sec: torch.Tensor, seq: SequenceConfig) -> torch.Tensor:
-    frames = torch.ceil(duration_sec.double() * seq.sampling_rate / seq.hop_length / 2).long()
-    return frames.clamp(1, seq.latent_seq_len)
 
 
 def apply_null_conditions(network: MMAudio, batch: dict, drop_video: torch.Tensor,
@@ -61,28 +54,3 @@ def training_loss(network: MMAudio, batch: dict, seq: SequenceConfig, generator:
     clip_f, sync_f, text_f = apply_null_conditions(network, batch, drop_video, drop_text)
     predicted = forward(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
     return flow_loss(predicted, target_velocity(x0, x1), mask).mean()
-
-
-VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
-
-
-@torch.no_grad()
-def validation_loss(network: MMAudio, batches, seq: SequenceConfig, seed: int = 1234) -> float:
-    """Loss with fixed noise and fixed times, no dropout: comparable from step to step."""
-    generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for batch in batches:
-        device = batch["a_mean"].device
-        size = batch["a_mean"].shape[0]
-        x1 = network.normalize(batch["a_mean"] + batch["a_std"] *
-                               torch.randn(batch["a_mean"].shape, generator=generator).to(device))
-        mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
-        for t_value in VALIDATION_TIMES:
-            x0 = torch.randn(x1.shape, generator=generator).to(device)
-            t = torch.full((size,), t_value, device=device)
-            x1_t = torch.where(mask.unsqueeze(-1), x1, x0)
-            predicted = network(interpolate(x0, x1_t, t), batch["clip_features"], batch["sync_features"],
-                                batch["text_features"], t)
-            total += flow_loss(predicted, target_velocity(x0, x1_t), mask).sum().item()
-            count += size
-    return total / count if count else math.nan

@@ -1,4 +1,5 @@
-"""Decoding one segment of a video with PyAV: frames for CLIP and Synchformer, and the audio.
+"""Media through PyAV: decoding a segment (frames for CLIP and Synchformer, and the audio), and
+writing generated audio as wav or muxed with the source picture as mp4.
 
 Frames are picked as MMAudio's reader picks them; audio is prepared as its training extractor
 prepares it. A segment shorter than the window is padded (last frame repeated, silence) and its
@@ -186,18 +187,15 @@ def _resample_segment(track: np.ndarray, offset: int, count: int, rate: int, tar
     return resampled[skip:skip + math.ceil(count * target_rate / rate)]
 
 
-def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
-                 window_sec: float = 8.0, mode: str = "16k", timings: dict[str, float] | None = None) -> Segment:
-    """Decode `path` from `start_sec` to `end_sec` (None: to the end) into one model window.
+@dataclass
+class VideoFrames:
+    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) in [0, 1]
+    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) in [-1, 1]
+    duration_sec: float  # the picture's real extent inside the window; later frames repeat the last
 
-    `timings`, when given, accumulates seconds spent resizing frames and decoding the rest.
-    """
-    timings = {} if timings is None else timings
-    started, resized_before = time.perf_counter(), timings.get("resize", 0.0)
-    import av
 
-    seq = SequenceConfig(mode, window_sec)
-    path = Path(path)
+def _segment_length(path: Path, start_sec: float, end_sec: float | None, window_sec: float) -> float:
+    """Seconds to decode: the requested segment, at most the window; raises for unusable input."""
     if not path.is_file():
         raise MediaError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -208,13 +206,56 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
     if requested > window_sec + 1e-6:
         log.warning("%s: segment of %.2f s is longer than the %.1f s window; keeping the first %.1f s",
                     path.name, requested, window_sec, window_sec)
-    length = min(requested, window_sec)
+    return min(requested, window_sec)
+
+
+def _floor_ms(seconds: float) -> float:
+    return math.floor(seconds * 1000) / 1000
+
+
+def _decode_frames(path: Path, start_sec: float, length: float, seq: SequenceConfig,
+                   timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    import av
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError("no video stream")
-            clip, sync, video_extent = _read_frames(container, start_sec, length, seq.clip_seq_len,
-                                                    seq.sync_frames, timings)
+            return _read_frames(container, start_sec, length, seq.clip_seq_len, seq.sync_frames, timings)
+    except av.error.FFmpegError as error:
+        raise MediaError(f"cannot decode: {error}") from None
+
+
+def load_video(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
+               window_sec: float = 8.0) -> VideoFrames:
+    """The picture of a segment for generation: frames for both encoders, padded to the window.
+
+    Frames are picked at fixed times from the segment's start, so the first k frames of a longer
+    window are the frames of a shorter one: one decode serves any duration up to the window.
+    """
+    path = Path(path)
+    length = _segment_length(path, start_sec, end_sec, window_sec)
+    seq = SequenceConfig("16k", window_sec)  # frame counts do not depend on the audio mode
+    clip, sync, video_extent = _decode_frames(path, start_sec, length, seq, {})
+    return VideoFrames(_pad_frames(clip, seq.clip_seq_len), _pad_frames(sync, seq.sync_frames),
+                       _floor_ms(min(length, video_extent)))
+
+
+def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
+                 window_sec: float = 8.0, mode: str = "16k", timings: dict[str, float] | None = None) -> Segment:
+    """Decode `path` from `start_sec` to `end_sec` (None: to the end) into one training window.
+
+    `timings`, when given, accumulates seconds spent resizing frames and decoding the rest.
+    """
+    timings = {} if timings is None else timings
+    started, resized_before = time.perf_counter(), timings.get("resize", 0.0)
+    import av
+
+    seq = SequenceConfig(mode, window_sec)
+    path = Path(path)
+    length = _segment_length(path, start_sec, end_sec, window_sec)
+    clip, sync, video_extent = _decode_frames(path, start_sec, length, seq, timings)
+    try:
         with av.open(str(path)) as container:
             track, first_time, rate = _read_audio(container)
     except av.error.FFmpegError as error:
@@ -229,15 +270,13 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
     audio = _resample_segment(track / peak * PEAK, offset, samples.shape[0], rate, seq.sampling_rate)
     audio = F.pad(audio, (0, max(0, seq.num_audio_samples - audio.shape[0])))[: seq.num_audio_samples]
 
-    duration = min(length, video_extent, audio_extent)
     resizing = timings.get("resize", 0.0) - resized_before
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started - resizing
-    clip_count = seq.clip_seq_len
     return Segment(
-        clip_frames=_pad_frames(clip, clip_count),
+        clip_frames=_pad_frames(clip, seq.clip_seq_len),
         sync_frames=_pad_frames(sync, seq.sync_frames),
         audio=audio.float(),
-        duration_sec=math.floor(duration * 1000) / 1000,
+        duration_sec=_floor_ms(min(length, video_extent, audio_extent)),
     )
 
 
@@ -250,3 +289,80 @@ def probe_duration(path: str | Path) -> float | None:
             return container.duration / av.time_base if container.duration else None
     except (av.error.FFmpegError, OSError):
         return None
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+def _encode_audio(container, stream, audio: np.ndarray, rate: int) -> None:
+    """Mono float audio through `stream`, in encoder-sized frames."""
+    import av
+
+    block = stream.codec_context.frame_size or 4096  # PCM codecs take any size (0)
+    for start in range(0, audio.shape[0], block):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, start:start + block]), format="fltp",
+                                           layout="mono")
+        frame.sample_rate, frame.pts = rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+
+
+def write_wav(path: str | Path, audio: torch.Tensor, rate: int) -> Path:
+    """Mono audio in [-1, 1] as 16-bit PCM wav (clipped), written atomically."""
+    import av
+
+    path = Path(path)
+    temporary = _atomic_target(path)
+    samples = audio.detach().float().clamp(-1, 1).cpu().numpy()
+    with av.open(str(temporary), "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+        _encode_audio(container, stream, samples, rate)
+    temporary.replace(path)
+    return path
+
+
+def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Tensor, rate: int,
+                           start_sec: float = 0.0) -> Path:
+    """An mp4 with the source's picture from `start_sec` for the audio's length, and `audio` (AAC).
+
+    The picture is re-encoded (H.264), so any segment start works, not only keyframes.
+    """
+    import av
+    from fractions import Fraction
+
+    path = Path(path)
+    temporary = _atomic_target(path)
+    samples = audio.detach().float().clamp(-1, 1).cpu().numpy()
+    duration = samples.shape[0] / rate
+    try:
+        with av.open(str(source)) as reader, av.open(str(temporary), "w", format="mp4") as writer:
+            video_in = reader.streams.video[0]
+            frame_rate = Fraction(video_in.average_rate or SYNC_FPS).limit_denominator(1001)
+            video_out = writer.add_stream("libx264", rate=frame_rate)
+            # yuv420p needs even sizes
+            video_out.width = video_in.codec_context.width // 2 * 2
+            video_out.height = video_in.codec_context.height // 2 * 2
+            video_out.pix_fmt = "yuv420p"
+            video_out.options = {"preset": "veryfast", "crf": "20"}
+            audio_out = writer.add_stream("aac", rate=rate, layout="mono")
+            if start_sec > 0:
+                reader.seek(int(start_sec / video_in.time_base), stream=video_in, backward=True, any_frame=False)
+            written = 0
+            for frame in reader.decode(video_in):
+                if frame.time is None or frame.time < start_sec - 1e-6:
+                    continue
+                if written >= math.ceil(duration * frame_rate):
+                    break
+                picture = frame.reformat(width=video_out.width, height=video_out.height, format="yuv420p")
+                picture.pts, picture.time_base = written, 1 / frame_rate
+                writer.mux(video_out.encode(picture))
+                written += 1
+            writer.mux(video_out.encode())
+            _encode_audio(writer, audio_out, samples, rate)
+    except av.error.FFmpegError as error:
+        temporary.unlink(missing_ok=True)
+        raise MediaError(f"{source}: cannot write {path.name}: {error}") from None
+    temporary.replace(path)
+    return path

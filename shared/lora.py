@@ -1,6 +1,10 @@
-"""The frozen base network and its LoRA adapter (peft), in the standard PEFT file layout."""
+"""The frozen base network and its LoRA adapter (peft), in the standard PEFT file layout.
+
+Shared by training (which writes adapters) and generation/export (which apply them).
+"""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict
@@ -12,29 +16,34 @@ from torch import nn
 from shared.network import MMAudio
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_INFO = "mmaudio_lora.json"  # which base network the adapter belongs to (peft does not record it)
 
 
 class AdapterError(ValueError):
     pass
 
 
-def base_network(profile: str, checkpoint: str | None, variant: str | None, latent_dim: int | None = None) -> MMAudio:
-    """The network to adapt: an official file (`real`), or the deterministic tiny network.
-
-    For `tiny` without a variant, the features' latent width picks the mode (20 → 16k).
+def base_network(profile: str, checkpoint: str | None, variant: str | None, latent_dim: int | None = None,
+                 weights_dir: str | os.PathLike | None = None) -> tuple[MMAudio, str]:
+    """The network to adapt and its variant: an official file (`real`; without a checkpoint, the
+    variant's file in the weights folder), or the deterministic tiny network. For `tiny` without
+    a variant, the features' latent width picks the mode (20 → 16k).
     """
     from shared.network import build_network
     from shared.profiles import check_profile, fill_deterministically, network_config
 
     if check_profile(profile) == "real":
         if checkpoint is None:
-            raise ValueError("the real profile needs --checkpoint (an official mmaudio_*.pth file)")
+            from shared.weights import DEFAULT_VARIANT, NETWORK_WEIGHTS, require
+            checkpoint = require(NETWORK_WEIGHTS[variant or DEFAULT_VARIANT], weights_dir)
         from shared.checkpoint import load_network
-        return load_network(checkpoint, variant)
+        from shared.network import VARIANTS
+        network = load_network(checkpoint, variant)
+        return network, next(name for name, official in VARIANTS.items() if official == network.config)
     variant = variant or ("small_16k" if latent_dim in (None, 20) else "large_44k_v2")
     config = network_config(variant, "tiny")
     network = build_network(None, **asdict(config))
-    return fill_deterministically(network)
+    return fill_deterministically(network), variant
 
 
 def lora_config(rank: int, alpha: float, dropout: float, target_modules: str, use_rslora: bool = False,
@@ -73,13 +82,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_adapter(peft_model, directory: Path) -> None:
-    """Write the adapter in the PEFT layout, atomically (a temporary folder renamed into place)."""
+def save_adapter(peft_model, directory: Path, info: dict[str, str]) -> None:
+    """Write the adapter in the PEFT layout plus `info` (variant, profile), atomically (a temporary
+    folder renamed into place)."""
     directory = Path(directory)
     temporary = directory.with_name(f".{directory.name}.tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
     peft_model.save_pretrained(str(temporary))
+    (temporary / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():
         os.replace(directory, old)
@@ -88,20 +99,49 @@ def save_adapter(peft_model, directory: Path) -> None:
         shutil.rmtree(old)
 
 
-def load_adapter(network: MMAudio, directory: str | Path, is_trainable: bool = False):
-    """Apply a saved adapter to `network`; a wrong or corrupt adapter gives one clear error."""
+def adapter_info(directory: str | Path) -> dict[str, str]:
+    path = Path(directory) / ADAPTER_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_adapter(network: MMAudio, directory: str | Path, is_trainable: bool = False,
+                 expected: dict[str, str] | None = None):
+    """Apply a saved adapter to `network`; a wrong or corrupt adapter gives one clear error.
+
+    `expected` (variant, profile of `network`) is checked against what the adapter was trained on.
+    """
     from peft import PeftModel
 
     directory = Path(directory)
     missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
     if missing:
         raise AdapterError(f"{directory}: not an adapter folder (missing {', '.join(missing)})")
+    trained_on = adapter_info(directory)
+    for key, value in (expected or {}).items():
+        if key in trained_on and trained_on[key] != value:
+            raise AdapterError(f"{directory}: this adapter was trained on {key} {trained_on[key]!r}, but the base "
+                               f"network is {value!r}; use the base checkpoint it was trained with")
     try:
         model = PeftModel.from_pretrained(network, str(directory), is_trainable=is_trainable)
     except Exception as error:  # peft/safetensors raise many types for bad files
         raise AdapterError(f"{directory}: cannot load this adapter onto the network "
                            f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
     return model
+
+
+def merge_adapter(network: MMAudio, directory: str | Path, scale: float = 1.0,
+                  expected: dict[str, str] | None = None) -> MMAudio:
+    """`network` with the adapter merged into its weights at `scale` (0: base, 1: as trained):
+    a plain MMAudio again, as fast as the base network."""
+    from peft.tuners.lora import LoraLayer
+
+    model = load_adapter(network, directory, expected=expected)
+    if scale != 1.0:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.scaling:
+                    module.set_scale(name, scale)
+    return model.merge_and_unload()
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Using a fine-tune: export (and, to come, generation and evaluation)."""

@@ -1,0 +1,54 @@
+"""Merge a run's adapter into its base network and write the official checkpoint layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from generate.model import load_model, resolve_source
+from shared.lora import AdapterError
+
+
+@dataclass
+class ExportResult:
+    pth: Path
+    safetensors: Path
+    variant: str
+    tensors: int
+
+
+def _official_dtypes(checkpoint: str | None, variant: str, weights_dir: str | None) -> dict[str, torch.dtype]:
+    from shared.checkpoint import read_state_dict
+    from shared.weights import NETWORK_WEIGHTS, require
+
+    path = checkpoint or require(NETWORK_WEIGHTS[variant], weights_dir)
+    return {key: value.dtype for key, value in read_state_dict(path).items()}
+
+
+def merged_state_dict(run: Path, profile: str | None = None, checkpoint: str | None = None,
+                      adapter: Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The base network's state dict with the run's LoRA merged in: the same keys, shapes, dtypes."""
+    source = resolve_source(run=run, profile=profile, checkpoint=checkpoint)
+    if adapter is not None:
+        source = replace(source, adapter=Path(adapter))
+    network, variant = load_model(source)
+    merged = network.state_dict()
+    if any("lora" in key for key in merged):
+        raise AdapterError(f"{run}: merging left LoRA tensors in the network; refusing to write a checkpoint")
+    dtypes = {key: value.dtype for key, value in merged.items()}
+    if source.profile == "real":  # keep the official file's own dtypes
+        dtypes.update({k: v for k, v in _official_dtypes(source.checkpoint, variant, source.weights_dir).items()
+                       if k in dtypes})
+    return {key: value.detach().to(dtypes[key]).contiguous() for key, value in merged.items()}, variant
+
+
+def export_checkpoint(run: Path, out: Path, profile: str | None = None, checkpoint: str | None = None) -> ExportResult:
+    """Write `out` (.pth, a plain state dict) and the same tensors as `.safetensors` beside it."""
+    from shared.checkpoint import save_state_dict
+
+    state, variant = merged_state_dict(Path(run), profile, checkpoint)
+    out = Path(out)
+    save_state_dict(state, out)
+    save_state_dict(state, out.with_suffix(".safetensors"))
+    return ExportResult(out, out.with_suffix(".safetensors"), variant, len(state))

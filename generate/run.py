@@ -1,0 +1,285 @@
+"""Generation: audio for videos, a clip list, precomputed features or a prompt alone.
+
+Each input becomes a request; each request is prepared (its video decoded and encoded, or its
+stored features read), requests of equal duration are sampled together in batches, decoded by the
+VAE decoder and the vocoder, and written as `<out>/<name>.wav` (+ `<name>.mp4` with the source
+picture). Requests from precomputed features load no encoder at all (only for a new --prompt).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from generate.model import ModelSource, load_model
+from shared.media import MediaError
+from shared.sequence import DEFAULT_DURATION_SEC, SequenceConfig
+from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
+                              use_duration)
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+
+
+@dataclass
+class GenerateJob:
+    out: Path
+    source: ModelSource = field(default_factory=ModelSource)
+    videos: list[Path] = field(default_factory=list)  # files or folders of videos
+    tsv: Path | None = None  # a clip list (as for `features`), with --video-root
+    video_root: Path | None = None
+    features: Path | None = None  # a folder written by `features`: no encoder needed
+    ids: list[str] = field(default_factory=list)  # with features: only these clips
+    prompt: str | None = None  # replaces captions; alone (no video) it is text-to-audio
+    negative_prompt: str = ""
+    duration: float | None = None  # default: each clip's own length up to the 8 s window
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    lora_scale: float = 1.0
+    batch_size: int = 4
+    device: str = "auto"
+    write_video: bool = True
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str  # output file stem
+    video: Path | None = None
+    start_sec: float = 0.0
+    end_sec: float | None = None
+    caption: str = ""
+    feature_row: int | None = None  # row in the features folder
+
+
+@dataclass
+class Prepared:
+    request: Request
+    duration: float
+    clip_features: torch.Tensor | None  # (≥ clip_seq_len, D) on the CPU; None: no video
+    sync_features: torch.Tensor | None
+    text_features: torch.Tensor | None  # stored caption features; None: encode the caption
+
+
+@dataclass
+class Summary:
+    out: Path
+    variant: str
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    models_loaded: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+
+
+def _video_files(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, the folder it was found under, or its own path) for files and folders of videos."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            if not files:
+                raise ValueError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
+            found.extend((file, path) for file in files)
+        else:
+            found.append((path, path))
+    return found
+
+
+def collect_requests(job: GenerateJob) -> list[Request]:
+    """The job's inputs as requests with unique output names."""
+    caption = job.prompt or ""
+    requests: list[Request] = []
+    for file, root in _video_files(job.videos):
+        requests.append(Request(file.stem, file, caption=caption))
+    if job.tsv is not None:
+        from shared.clips import read_clip_list
+
+        for clip in read_clip_list(job.tsv, job.video_root or job.tsv.parent):
+            requests.append(Request(clip.id, clip.video, clip.start_sec, clip.end_sec,
+                                    caption if job.prompt is not None else clip.caption))
+    if job.features is not None:
+        from shared.features import TSV_NAME
+
+        ids = [line.split("\t")[0] for line in (job.features / TSV_NAME).read_text().splitlines()[1:] if line]
+        unknown = sorted(set(job.ids) - set(ids))
+        if unknown:
+            raise ValueError(f"{job.features}: no clip with id {', '.join(unknown[:5])}")
+        requests.extend(Request(clip_id, caption=caption, feature_row=row)
+                        for row, clip_id in enumerate(ids) if not job.ids or clip_id in job.ids)
+    if not requests:
+        if job.prompt is None:
+            raise ValueError("nothing to generate: give --video, --tsv, --features or --prompt")
+        requests.append(Request(_slug(job.prompt), caption=job.prompt))
+    names = [r.name for r in requests]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"several inputs would write the same output name: {', '.join(repeated[:5])}; "
+                         "generate them into separate --out folders")
+    return requests
+
+
+class VideoEncoders:
+    """CLIP (frames and text) and Synchformer, each loaded on first use."""
+
+    def __init__(self, profile: str, weights_dir: str | None, device: torch.device):
+        self.profile, self.weights_dir, self.device = profile, weights_dir, device
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def _get(self, name: str):
+        if name not in self.models:
+            if name == "clip":
+                from shared.clip import load_clip
+                self.models[name] = load_clip(self.profile, self.weights_dir, self.device)
+            else:
+                from shared.synchformer import load_synchformer
+                self.models[name] = load_synchformer(self.profile, self.weights_dir, self.device)
+        return self.models[name]
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def video(self, clip_frames: torch.Tensor, sync_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from shared.synchformer import encode_sync_frames
+
+        with self._autocast():
+            clip_features = self._get("clip").encode_frames(clip_frames.to(self.device))
+            sync_features = encode_sync_frames(self._get("synchformer"), sync_frames[None].to(self.device))[0]
+        return clip_features.float().cpu(), sync_features.float().cpu()
+
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> torch.Tensor:
+        with self._autocast():
+            return self._get("clip").encode_text(captions).float().cpu()
+
+
+def _prepare(request: Request, job: GenerateJob, mode: str, encoders: VideoEncoders, stored) -> Prepared:
+    """Decode and encode one request's video (or read its stored features); raises MediaError."""
+    if request.feature_row is not None:
+        row = request.feature_row
+        stored_duration = DEFAULT_DURATION_SEC if stored.duration_sec is None else float(stored.duration_sec[row])
+        text = stored.text_features[row].clone() if job.prompt is None else None
+        prepared = Prepared(request, job.duration or stored_duration, stored.clip_features[row].clone(),
+                            stored.sync_features[row].clone(), text)
+    elif request.video is not None:
+        from shared.media import load_video
+
+        frames = load_video(request.video, request.start_sec, request.end_sec,
+                            window_sec=max(DEFAULT_DURATION_SEC, job.duration or 0.0))
+        if job.duration and job.duration > frames.duration_sec + 0.05:
+            log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s", request.video.name,
+                        frames.duration_sec, job.duration)
+        clip_features, sync_features = encoders.video(frames.clip_frames, frames.sync_frames)
+        prepared = Prepared(request, job.duration or frames.duration_sec, clip_features, sync_features, None)
+    else:
+        prepared = Prepared(request, job.duration or DEFAULT_DURATION_SEC, None, None, None)
+    try:  # a duration the network or the features cannot serve
+        seq = SequenceConfig(mode, prepared.duration)
+        if prepared.clip_features is not None:
+            crop_video_features(prepared.clip_features[None], prepared.sync_features[None], seq)
+    except ValueError as error:
+        raise MediaError(str(error)) from None
+    return prepared
+
+
+def check_weights(source: ModelSource, variant: str, encoders_needed: bool) -> None:
+    """Fail before any work when a real weight file generation will need is missing (all named at once)."""
+    from shared.weights import CLIP_WEIGHTS, NETWORK_WEIGHTS, SYNCHFORMER_WEIGHTS, MissingWeightsError, check_files
+
+    skip = {NETWORK_WEIGHTS[variant]} if source.checkpoint else set()
+    if not encoders_needed:
+        skip |= {CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS}
+    missing = [status.weight_file for status in check_files(variant, source.weights_dir)
+               if "generate" in status.commands and not status.found and status.weight_file not in skip]
+    if missing:
+        names = ", ".join(str(f.relative_path) for f in missing)
+        raise MissingWeightsError(f"missing weight file(s) for {variant}: {names}; run `mmaudio-lora download "
+                                  f"--variant {variant}` (or `mmaudio-lora doctor` to see where they go)")
+
+
+def _open_stored(job: GenerateJob, network):
+    if job.features is None:
+        return None
+    from shared.features import data_dim, open_feature_dir
+    from shared.profiles import FeatureDims
+
+    config = network.config
+    return open_feature_dir(job.features, data_dim(SequenceConfig(config.mode),
+                                                   FeatureDims(config.clip_dim, config.sync_dim, config.text_dim)))
+
+
+def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
+    from tqdm import tqdm
+
+    from shared.device import resolve_device
+
+    started = time.perf_counter()
+    requests = collect_requests(job)
+    device = resolve_device(job.device)
+    if job.source.profile == "real":
+        encoders_needed = bool(job.negative_prompt) or any(
+            r.feature_row is None or job.prompt is not None for r in requests)
+        if job.source.variant:  # known before loading: check before the (slow) network load
+            check_weights(job.source, job.source.variant, encoders_needed)
+    network, variant = load_model(job.source, job.lora_scale)
+    if job.source.profile == "real" and not job.source.variant:
+        check_weights(job.source, variant, encoders_needed)
+    network.to(device)
+    mode = network.config.mode
+    summary = Summary(Path(job.out), variant)
+    stored = _open_stored(job, network)
+    encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device)
+    decoder = AudioDecoder(mode, job.source.profile, job.source.weights_dir, device)
+
+    prepared: list[Prepared] = []
+    for request in tqdm(requests, desc="reading inputs", unit="clip", disable=not show_progress):
+        try:
+            prepared.append(_prepare(request, job, mode, encoders, stored))
+        except MediaError as error:
+            summary.skipped.append(f"{request.video or request.name}: {error}")
+    negative = encoders.text([job.negative_prompt]) if job.negative_prompt else None
+
+    batches = duration_batches([p.duration for p in prepared], job.batch_size)
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
+        summary.written.extend(_generate_batch([prepared[n] for n in batch], job, network, encoders, decoder,
+                                               negative))
+    summary.models_loaded = sorted(encoders.models) + decoder.loaded_models
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: VideoEncoders,
+                    decoder: AudioDecoder, negative: torch.Tensor | None) -> list[Path]:
+    from shared.media import write_video_with_audio, write_wav
+
+    duration = batch[0].duration
+    seq = SequenceConfig(network.config.mode, duration)
+    use_duration(network, seq)
+    if batch[0].clip_features is None:
+        clip_features = network.get_empty_clip_sequence(len(batch)).detach().cpu()
+        sync_features = network.get_empty_sync_sequence(len(batch)).detach().cpu()
+    else:
+        clip_features, sync_features = crop_video_features(torch.stack([p.clip_features for p in batch]),
+                                                           torch.stack([p.sync_features for p in batch]), seq)
+    if all(p.text_features is not None for p in batch):
+        text_features = torch.stack([p.text_features for p in batch])
+    else:
+        text_features = encoders.text([p.request.caption for p in batch])
+    latents = sample_latents(network, clip_features, sync_features, text_features, job.sampling, negative)
+    audio = decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
+    written = []
+    out = Path(job.out)
+    for prepared, samples in zip(batch, audio):
+        request = prepared.request
+        written.append(write_wav(out / f"{request.name}.wav", samples, seq.sampling_rate))
+        if request.video is not None and job.write_video:
+            written.append(write_video_with_audio(request.video, out / f"{request.name}.mp4", samples,
+                                                  seq.sampling_rate, request.start_sec))
+    return written

@@ -1,0 +1,150 @@
+"""From conditions to sound: Euler sampling over a window of any duration, then the VAE decoder
+and the vocoder. Generation, evaluation and the trainer's samples all go through here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shared.flow import euler_sample
+from shared.network import MMAudio
+from shared.sequence import SequenceConfig
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    steps: int = 25  # Euler steps
+    cfg_strength: float = 4.5  # classifier-free guidance; below 1 the unconditional pass is skipped
+    seed: int = 42  # every clip starts from the noise of this seed, whatever its batch
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, not {self.steps}")
+        if self.cfg_strength < 0:
+            raise ValueError(f"cfg strength must be non-negative, not {self.cfg_strength}")
+
+
+def use_duration(network: MMAudio, seq: SequenceConfig) -> None:
+    """Set the network's sequence lengths to `seq`'s window (the weights do not depend on them)."""
+    lengths = (seq.latent_seq_len, seq.clip_seq_len, seq.sync_seq_len)
+    if lengths != (network.latent_seq_len, network.clip_seq_len, network.sync_seq_len):
+        network.update_seq_lengths(*lengths)
+
+
+def crop_video_features(clip_features: torch.Tensor, sync_features: torch.Tensor,
+                        seq: SequenceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of a longer window cut to `seq`'s duration.
+
+    Exactly the features of the shorter clip: CLIP frames are encoded one by one and every
+    Synchformer window on its own, and both are taken at fixed times from the clip's start.
+    """
+    if clip_features.shape[1] < seq.clip_seq_len or sync_features.shape[1] < seq.sync_seq_len:
+        raise ValueError(f"features cover {clip_features.shape[1] / seq.clip_seq_len * seq.duration_sec:.2f} s, "
+                         f"less than the {seq.duration_sec} s asked for")
+    return clip_features[:, :seq.clip_seq_len], sync_features[:, :seq.sync_seq_len]
+
+
+def duration_batches(durations: list[float], batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal duration (a batch shares the network's lengths), at most
+    `batch_size` per batch, shortest first."""
+    from itertools import groupby
+
+    order = sorted(range(len(durations)), key=lambda n: durations[n])
+    groups = [list(members) for _, members in groupby(order, key=lambda n: durations[n])]
+    return [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sample_latents(network: MMAudio, clip_features: torch.Tensor, sync_features: torch.Tensor,
+                   text_features: torch.Tensor, settings: SamplingSettings,
+                   negative_text_features: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents (B, latent_seq_len, latent_dim), unnormalized, for a batch of conditions whose
+    lengths match the network's (see `use_duration`). bf16 autocast on CUDA."""
+    device = next(network.parameters()).device
+    batch = clip_features.shape[0]
+    shape = (1, network.latent_seq_len, network.config.latent_dim)
+    noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
+                       for _ in range(batch)]).to(device)
+    with _autocast(device):
+        conditions = network.preprocess_conditions(clip_features.to(device), sync_features.to(device),
+                                                   text_features.to(device))
+        empty = network.get_empty_conditions(
+            batch, None if negative_text_features is None else negative_text_features.to(device))
+        latents = euler_sample(network, noise, conditions, empty, num_steps=settings.steps,
+                               cfg_strength=settings.cfg_strength)
+    return network.unnormalize(latents.float())
+
+
+def sample_stored_clips(network: MMAudio, clips: dict[str, torch.Tensor], settings: SamplingSettings,
+                        batch_size: int = 4):
+    """Generate precomputed clips, each at its own duration: yields (row indices, SequenceConfig,
+    latents) per batch. `clips` holds clip/sync/text features of full windows and duration_sec.
+    The network's window is restored afterwards."""
+    lengths = (network.latent_seq_len, network.clip_seq_len, network.sync_seq_len)
+    durations = [float(d) for d in clips["duration_sec"]]
+    try:
+        for rows in duration_batches(durations, batch_size):
+            seq = SequenceConfig(network.config.mode, durations[rows[0]])
+            use_duration(network, seq)
+            index = torch.tensor(rows)
+            clip_f, sync_f = crop_video_features(clips["clip_features"][index], clips["sync_features"][index], seq)
+            yield rows, seq, sample_latents(network, clip_f, sync_f, clips["text_features"][index], settings)
+    finally:
+        network.update_seq_lengths(*lengths)
+
+
+class AudioDecoder:
+    """Latents → mel (VAE decoder) → waveform (vocoder); each model loads on first use, and the
+    VAE's encoder is dropped after loading (only its decoder is kept)."""
+
+    def __init__(self, mode: str, profile: str = "real", weights_dir: str | os.PathLike | None = None,
+                 device: torch.device | str = "cpu"):
+        self.seq = SequenceConfig(mode)
+        self.mode, self.profile, self.weights_dir = mode, profile, weights_dir
+        self.device = torch.device(device)
+        self._vae = None
+        self._vocoder = None
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.seq.sampling_rate
+
+    @property
+    def loaded_models(self) -> list[str]:
+        return [name for name, model in (("vae decoder", self._vae), ("vocoder", self._vocoder)) if model is not None]
+
+    def _load_vae(self):
+        if self._vae is None:
+            from shared.vae import load_vae
+
+            vae = load_vae(self.mode, self.profile, self.weights_dir, self.device)
+            del vae.encoder
+            self._vae = vae
+        return self._vae
+
+    def _load_vocoder(self):
+        if self._vocoder is None:
+            from shared.vocoder import load_vocoder
+
+            self._vocoder = load_vocoder(self.mode, self.profile, self.weights_dir, self.device)
+        return self._vocoder
+
+    @torch.no_grad()
+    def mel(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, latent_dim) → log-mel (B, bins, 2N), float32."""
+        return self._load_vae().decode(latents.transpose(1, 2).float().to(self.device))
+
+    @torch.no_grad()
+    def waveform(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, latent_dim) → mono audio (B, 2N * hop) at the mode's rate, on the CPU."""
+        mel = self.mel(latents)
+        return self._load_vocoder()(mel).squeeze(1).float().cpu()

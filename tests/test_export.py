@@ -1,0 +1,50 @@
+"""Export: the merged checkpoint has the base network's layout and computes base + adapter."""
+import json
+
+import torch
+
+from generate.export import export_checkpoint
+from shared.lora import base_network, load_adapter
+from shared.network import build_network
+from train.config import TrainConfig
+from train.loop import train
+
+
+def test_export_round_trip(features, tmp_path):
+    run = tmp_path / "run"
+    # A large learning rate so the adapter is far from zero and merging really changes weights.
+    train(TrainConfig(features=[str(features)], run=str(run), profile="tiny", steps=5, batch_size=2, lr=1e-2,
+                      warmup_steps=1, device="cpu"), show_progress=False)
+    result = export_checkpoint(run, tmp_path / "merged.pth")
+    merged = torch.load(result.pth, weights_only=True)
+    base, _ = base_network("tiny", None, None)
+    base_state = base.state_dict()
+    assert merged.keys() == base_state.keys() and not any("lora" in k for k in merged)
+    assert all(merged[k].shape == v.shape and merged[k].dtype == v.dtype for k, v in base_state.items())
+    assert any(not torch.equal(merged[k], base_state[k]) for k in merged)
+
+    from safetensors.torch import load_file
+    copy = load_file(str(result.safetensors))
+    assert all(torch.equal(copy[k], merged[k]) for k in merged)
+
+    inputs = (torch.randn(2, 250, 20), torch.randn(2, 64, 32), torch.randn(2, 192, 32), torch.randn(2, 77, 32),
+              torch.rand(2))
+    with torch.no_grad():
+        adapted = load_adapter(base, run / "adapter")
+        expected = base(*inputs)  # base + adapter (peft wraps the module in place)
+        plain = build_network(None, **base.config.__dict__)
+        plain.load_state_dict(merged, strict=True)
+        assert torch.allclose(plain(*inputs), expected, atol=1e-5, rtol=1e-4)
+        adapted.disable_adapter_layers()
+        assert not torch.allclose(base(*inputs), expected, atol=1e-5)
+
+
+def test_merged_real_variant_keeps_the_official_layout(reference_dir):
+    from shared.lora import add_lora, lora_config
+    from train.config import DEFAULT_TARGETS
+
+    manifest = json.loads((reference_dir / "mmaudio_state_dict_manifest.json").read_text())
+    with torch.device("meta"):
+        model = add_lora(build_network("large_44k_v2"), lora_config(16, 16, 0.0, DEFAULT_TARGETS))
+        merged = model.merge_and_unload().state_dict()
+    assert {k: list(v.shape) for k, v in merged.items()} == manifest["large_44k_v2"]

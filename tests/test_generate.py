@@ -1,0 +1,183 @@
+"""Using the result: generation, evaluation, training samples and the demo, with the tiny profile
+on real files (real decoding, real memmaps, real mp4 and wav output)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from generate.model import ModelSource, resolve_source
+from generate.run import GenerateJob, generate
+from mmaudio_lora.cli import app
+from shared.synthesis import SamplingSettings
+from shared.weights import MissingWeightsError
+from train.config import TrainConfig
+from train.loop import train
+
+from conftest import EXAMPLE_DATA, FEATURE_CLIP_SECONDS
+
+EXAMPLE = EXAMPLE_DATA / "example_videos" / "F8Zt3mYlOqU_000094.mp4"
+FAST = SamplingSettings(steps=2)
+
+
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        chunks = [frame.to_ndarray().reshape(-1) for frame in container.decode(stream)]
+        return np.concatenate(chunks).astype(np.float64) / (32768 if chunks[0].dtype == np.int16 else 1), stream.rate
+
+
+def stream_types(path: Path) -> dict[str, float]:
+    import av
+
+    with av.open(str(path)) as container:
+        return {s.type: float(s.duration * s.time_base) for s in container.streams}
+
+
+@pytest.fixture(scope="module")
+def run(features, tmp_path_factory) -> Path:
+    """A tiny run with a validation split, writing audio samples every 3 steps."""
+    folder = tmp_path_factory.mktemp("generate") / "run"
+    train(TrainConfig(features=[str(features)], run=str(folder), profile="tiny", steps=6, batch_size=2, lr=1e-2,
+                      warmup_steps=1, val_fraction=0.34, device="cpu", sample_every=3, sample_steps=2),
+          show_progress=False)
+    return folder
+
+
+def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):
+    out = tmp_path / "out"
+    finished = subprocess.run([sys.executable, "-m", "mmaudio_lora", "generate", "--run", str(run), "--video",
+                               str(EXAMPLE), "--out", str(out), "--profile", "tiny", "--prompt", "a dog barks",
+                               "--steps", "2", "--cfg", "4.5", "--seed", "3"], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    audio, rate = read_audio(out / f"{EXAMPLE.stem}.wav")
+    assert rate == 16000 and audio.shape[0] == 8 * 16000  # a 10 s clip is trimmed to the 8 s window
+    assert np.isfinite(audio).all() and audio.std() > 1e-3
+    streams = stream_types(out / f"{EXAMPLE.stem}.mp4")
+    assert set(streams) == {"video", "audio"}
+    assert abs(streams["video"] - 8.0) < 0.1 and abs(streams["audio"] - 8.0) < 0.1
+
+
+def test_features_give_the_video_s_audio_without_any_encoder(run, features, tmp_path):
+    """A 3.5 s clip from its stored features (encoders never imported) equals the same clip
+    decoded and encoded from its video with its caption as prompt."""
+    script = f"""
+import sys
+from pathlib import Path
+from generate.model import resolve_source
+from generate.run import GenerateJob, generate
+from shared.synthesis import SamplingSettings
+summary = generate(GenerateJob(out=Path({str(tmp_path / 'stored')!r}), source=resolve_source(run=Path({str(run)!r})),
+                               features=Path({str(features)!r}), ids=["c1"], sampling=SamplingSettings(steps=2)),
+                   show_progress=False)
+loaded = [m for m in sys.modules if m.startswith(("open_clip", "shared.clip", "shared.synchformer", "shared.mel"))]
+assert not loaded, loaded
+assert summary.models_loaded == ["vae decoder", "vocoder"], summary.models_loaded
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    stored, rate = read_audio(tmp_path / "stored" / "c1.wav")
+    assert stored.shape[0] == 3.5 * rate
+
+    # The file's picture lasts 3.52 s (88 frames at 25 fps); the features hold the TSV's 3.5 s.
+    summary = generate(GenerateJob(out=tmp_path / "video", source=resolve_source(run=run), prompt="sound 1",
+                                   videos=[features.parent / "videos" / "c1.mp4"], duration=3.5, sampling=FAST),
+                       show_progress=False)
+    assert sorted(p.name for p in summary.written) == ["c1.mp4", "c1.wav"]
+    from_video, _ = read_audio(tmp_path / "video" / "c1.wav")
+    assert from_video.shape == stored.shape
+    np.testing.assert_allclose(from_video, stored, atol=2e-3)
+    assert abs(stream_types(tmp_path / "video" / "c1.mp4")["video"] - 3.5) < 0.1
+
+
+def test_prompt_alone_duration_and_lora_scale(run, features, tmp_path):
+    text_only = generate(GenerateJob(out=tmp_path / "text", source=ModelSource(profile="tiny", variant="small_16k"),
+                                     prompt="rain on a tin roof", duration=2.5, sampling=FAST), show_progress=False)
+    assert [p.name for p in text_only.written] == ["rain_on_a_tin_roof.wav"]
+    audio, rate = read_audio(text_only.written[0])
+    assert audio.shape[0] == 2.5 * rate and audio.std() > 1e-3
+
+    def stored_clip(out: str, source: ModelSource, scale: float = 1.0) -> np.ndarray:
+        generate(GenerateJob(out=tmp_path / out, source=source, features=features, ids=["c0"], sampling=FAST,
+                             lora_scale=scale), show_progress=False)
+        return read_audio(tmp_path / out / "c0.wav")[0]
+
+    base = stored_clip("base", resolve_source(profile="tiny", variant="small_16k"))
+    np.testing.assert_array_equal(stored_clip("scale0", resolve_source(run=run), 0.0), base)
+    assert np.abs(stored_clip("tuned", resolve_source(run=run)) - base).max() > 1e-3
+
+
+def _audio_only_file(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000, layout="mono")
+        for start in range(0, 16000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.full((1, 1024), 0.1, dtype=np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = 16000, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_bad_inputs_give_clear_errors(run, tmp_path):
+    runner = CliRunner()
+    no_picture = _audio_only_file(tmp_path / "sound_only.mp4")
+    result = runner.invoke(app, ["generate", "--run", str(run), "--video", str(no_picture), "--out",
+                                 str(tmp_path / "out"), "--steps", "1"])
+    assert result.exit_code == 1 and "sound_only.mp4: no video stream" in result.output
+
+    result = runner.invoke(app, ["generate", "--run", str(run), "--variant", "large_44k_v2", "--video", str(EXAMPLE),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "trained on variant 'small_16k'" in result.output
+
+    result = runner.invoke(app, ["generate", "--run", str(run), "--no-adapter", "--video", str(EXAMPLE)])
+    flat = " ".join(result.output.replace("│", " ").split())  # typer draws usage errors in a box
+    assert result.exit_code == 2 and "exactly one of --run, --adapter or --no-adapter" in flat
+
+    weights = tmp_path / "weights"  # every real file in place but the 16k vocoder
+    for name in ("mmaudio_small_16k.pth", "v1-16.pth", "synchformer_state_dict.pth",
+                 "DFN5B-CLIP-ViT-H-14-384/open_clip_pytorch_model.bin"):
+        (weights / name).parent.mkdir(parents=True, exist_ok=True)
+        (weights / name).write_bytes(b"placeholder")
+    job = GenerateJob(out=tmp_path / "out", videos=[EXAMPLE],
+                      source=ModelSource(profile="real", variant="small_16k", weights_dir=str(weights)))
+    with pytest.raises(MissingWeightsError, match=r"missing weight file\(s\) for small_16k: best_netG\.pt; run"):
+        generate(job, show_progress=False)
+
+
+def test_evaluate_prints_the_table_and_writes_json(run, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--steps", "2", "--out",
+                                      str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert "validation flow loss" in result.output and "log-mel L1" in result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report["val_flow_loss"]) == set(report["mel_l1"]) == {"base", "tuned"}
+    assert all(np.isfinite(v) and v > 0 for v in [*report["val_flow_loss"].values(), *report["mel_l1"].values()])
+    assert report["val_flow_loss"]["tuned"] != report["val_flow_loss"]["base"]
+    assert len(report["clips"]) == 2 and set(report["per_clip_mel_l1"]) == set(report["clips"])
+
+
+def test_training_writes_audio_samples(run):
+    steps = sorted(p.name for p in (run / "samples").iterdir())
+    assert steps == ["step-000003", "step-000006"]
+    written = sorted((run / "samples" / "step-000006").glob("*.wav"))
+    assert len(written) == 2
+    for path in written:
+        audio, rate = read_audio(path)
+        assert np.isfinite(audio).all() and audio.std() > 1e-4
+        assert audio.shape[0] == FEATURE_CLIP_SECONDS[path.stem] * rate  # the clip's own duration
+
+
+def test_demo_ends_with_generated_audio(tmp_path):
+    from mmaudio_lora.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", steps=2)
+    assert [p.suffix for p in result.generated] == [".wav", ".mp4"]
+    assert set(stream_types(result.generated[1])) == {"video", "audio"}
