@@ -55,3 +55,5 @@ export: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/precompute.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/generate.py

@@ -78,17 +78,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
 
 
-def _video_files(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, the folder it was found under, or its own path) for files and folders of videos."""
+def _video_files(paths: list[Path]) -> list[Path]:
+    """The video files named, and those in the folders named (recursively, sorted)."""
     found = []
     for path in paths:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
             if not files:
                 raise ValueError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
-            found.extend((file, path) for file in files)
+            found.extend(files)
+        elif not path.exists():
+            raise ValueError(f"{path}: no such video file or folder")
         else:
-            found.append((path, path))
+            found.append(path)
     return found
 
 
@@ -96,7 +98,7 @@ def collect_requests(job: GenerateJob) -> list[Request]:
     """The job's inputs as requests with unique output names."""
     caption = job.prompt or ""
     requests: list[Request] = []
-    for file, root in _video_files(job.videos):
+    for file in _video_files(job.videos):
         requests.append(Request(file.stem, file, caption=caption))
     if job.tsv is not None:
         from shared.clips import read_clip_list

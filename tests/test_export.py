@@ -2,8 +2,9 @@
 import json
 
 import torch
+from typer.testing import CliRunner
 
-from generate.export import export_checkpoint
+from mmaudio_lora.cli import app
 from shared.lora import base_network, load_adapter
 from shared.network import build_network
 from train.config import TrainConfig
@@ -15,8 +16,10 @@ def test_export_round_trip(features, tmp_path):
     # A large learning rate so the adapter is far from zero and merging really changes weights.
     train(TrainConfig(features=[str(features)], run=str(run), profile="tiny", steps=5, batch_size=2, lr=1e-2,
                       warmup_steps=1, device="cpu"), show_progress=False)
-    result = export_checkpoint(run, tmp_path / "merged.pth")
-    merged = torch.load(result.pth, weights_only=True)
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "merged.pth"),
+                                      "--profile", "tiny"])
+    assert result.exit_code == 0, result.output
+    merged = torch.load(tmp_path / "merged.pth", weights_only=True)
     base, _ = base_network("tiny", None, None)
     base_state = base.state_dict()
     assert merged.keys() == base_state.keys() and not any("lora" in k for k in merged)
@@ -24,7 +27,7 @@ def test_export_round_trip(features, tmp_path):
     assert any(not torch.equal(merged[k], base_state[k]) for k in merged)
 
     from safetensors.torch import load_file
-    copy = load_file(str(result.safetensors))
+    copy = load_file(str(tmp_path / "merged.safetensors"))
     assert all(torch.equal(copy[k], merged[k]) for k in merged)
 
     inputs = (torch.randn(2, 250, 20), torch.randn(2, 64, 32), torch.randn(2, 192, 32), torch.randn(2, 77, 32),

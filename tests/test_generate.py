@@ -112,6 +112,18 @@ def test_prompt_alone_duration_and_lora_scale(run, features, tmp_path):
     assert np.abs(stored_clip("tuned", resolve_source(run=run)) - base).max() > 1e-3
 
 
+def test_a_folder_of_videos_each_at_its_own_length(run, features, tmp_path):
+    summary = generate(GenerateJob(out=tmp_path, source=resolve_source(run=run), videos=[features.parent / "videos"],
+                                   sampling=SamplingSettings(steps=1), batch_size=4), show_progress=False)
+    assert sorted(p.name for p in summary.written) == sorted(f"{c}{s}" for c in FEATURE_CLIP_SECONDS
+                                                             for s in (".wav", ".mp4"))
+    for clip, seconds in FEATURE_CLIP_SECONDS.items():
+        picture = round(seconds * 25) / 25  # the synthetic clips' frames at 25 fps
+        audio, rate = read_audio(tmp_path / f"{clip}.wav")
+        assert audio.shape[0] == round(picture * rate)
+        assert abs(stream_types(tmp_path / f"{clip}.mp4")["video"] - picture) < 0.05
+
+
 def _audio_only_file(path: Path) -> Path:
     import av
 
@@ -132,6 +144,9 @@ def test_bad_inputs_give_clear_errors(run, tmp_path):
     result = runner.invoke(app, ["generate", "--run", str(run), "--video", str(no_picture), "--out",
                                  str(tmp_path / "out"), "--steps", "1"])
     assert result.exit_code == 1 and "sound_only.mp4: no video stream" in result.output
+
+    result = runner.invoke(app, ["generate", "--run", str(run), "--video", str(tmp_path / "nowhere.mp4")])
+    assert result.exit_code == 1 and "nowhere.mp4: no such video file or folder" in result.output
 
     result = runner.invoke(app, ["generate", "--run", str(run), "--variant", "large_44k_v2", "--video", str(EXAMPLE),
                                  "--out", str(tmp_path / "out")])
@@ -173,6 +188,12 @@ def test_training_writes_audio_samples(run):
         audio, rate = read_audio(path)
         assert np.isfinite(audio).all() and audio.std() > 1e-4
         assert audio.shape[0] == FEATURE_CLIP_SECONDS[path.stem] * rate  # the clip's own duration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0})
+    events.Reload()
+    assert sorted(events.Tags()["audio"]) == [f"samples/{p.stem}" for p in written]
+    assert [event.step for event in events.Audio(f"samples/{written[0].stem}")] == [3, 6]
 
 
 def test_demo_ends_with_generated_audio(tmp_path):
