@@ -250,17 +250,18 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
 
     batches = duration_batches([p.duration for p in prepared], job.batch_size)
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
-        summary.written.extend(_generate_batch([prepared[n] for n in batch], job, network, encoders, decoder,
-                                               negative))
+        members = [prepared[n] for n in batch]
+        audio = _generate_batch(members, job, network, encoders, decoder, negative)
+        for member, samples in zip(members, audio):
+            _write(member.request, samples, decoder.sampling_rate, job, summary)
     summary.models_loaded = sorted(encoders.models) + decoder.loaded_models
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: VideoEncoders,
-                    decoder: AudioDecoder, negative: torch.Tensor | None) -> list[Path]:
-    from shared.media import write_video_with_audio, write_wav
-
+                    decoder: AudioDecoder, negative: torch.Tensor | None) -> torch.Tensor:
+    """Audio (B, samples at the clips' duration) for a batch of equal duration."""
     duration = batch[0].duration
     seq = SequenceConfig(network.config.mode, duration)
     use_duration(network, seq)
@@ -275,13 +276,18 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
     else:
         text_features = encoders.text([p.request.caption for p in batch])
     latents = sample_latents(network, clip_features, sync_features, text_features, job.sampling, negative)
-    audio = decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
-    written = []
+    return decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
+
+
+def _write(request: Request, audio: torch.Tensor, rate: int, job: GenerateJob, summary: Summary) -> None:
+    """The wav, then the mp4; a clip whose mp4 cannot be written is reported, the others go on."""
+    from shared.media import write_video_with_audio, write_wav
+
     out = Path(job.out)
-    for prepared, samples in zip(batch, audio):
-        request = prepared.request
-        written.append(write_wav(out / f"{request.name}.wav", samples, seq.sampling_rate))
-        if request.video is not None and job.write_video:
-            written.append(write_video_with_audio(request.video, out / f"{request.name}.mp4", samples,
-                                                  seq.sampling_rate, request.start_sec))
-    return written
+    summary.written.append(write_wav(out / f"{request.name}.wav", audio, rate))
+    if request.video is not None and job.write_video:
+        try:
+            summary.written.append(write_video_with_audio(request.video, out / f"{request.name}.mp4", audio, rate,
+                                                          request.start_sec))
+        except MediaError as error:
+            summary.skipped.append(f"{request.video}: wav written, mp4 not: {error}")

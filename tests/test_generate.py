@@ -101,6 +101,10 @@ def test_prompt_alone_duration_and_lora_scale(run, features, tmp_path):
     assert [p.name for p in text_only.written] == ["rain_on_a_tin_roof.wav"]
     audio, rate = read_audio(text_only.written[0])
     assert audio.shape[0] == 2.5 * rate and audio.std() > 1e-3
+    wide = generate(GenerateJob(out=tmp_path / "44k", source=ModelSource(profile="tiny", variant="large_44k_v2"),
+                                prompt="rain", duration=1.0, sampling=FAST), show_progress=False)
+    audio, rate = read_audio(wide.written[0])
+    assert rate == 44100 and audio.shape[0] == 44100 and np.isfinite(audio).all()
 
     def stored_clip(out: str, source: ModelSource, scale: float = 1.0) -> np.ndarray:
         generate(GenerateJob(out=tmp_path / out, source=source, features=features, ids=["c0"], sampling=FAST,
