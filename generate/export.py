@@ -1,7 +1,7 @@
 """Merge a run's adapter into its base network and write the official checkpoint layout."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +26,10 @@ def _official_dtypes(checkpoint: str | None, variant: str, weights_dir: str | No
     return {key: value.dtype for key, value in read_state_dict(path).items()}
 
 
-def merged_state_dict(run: Path, profile: str | None = None, checkpoint: str | None = None,
-                      adapter: Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def merged_state_dict(run: Path, profile: str | None = None,
+                      checkpoint: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """The base network's state dict with the run's LoRA merged in: the same keys, shapes, dtypes."""
     source = resolve_source(run=run, profile=profile, checkpoint=checkpoint)
-    if adapter is not None:
-        source = replace(source, adapter=Path(adapter))
     network, variant = load_model(source)
     merged = network.state_dict()
     if any("lora" in key for key in merged):

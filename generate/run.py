@@ -107,9 +107,9 @@ def collect_requests(job: GenerateJob) -> list[Request]:
             requests.append(Request(clip.id, clip.video, clip.start_sec, clip.end_sec,
                                     caption if job.prompt is not None else clip.caption))
     if job.features is not None:
-        from shared.features import TSV_NAME
+        from shared.features import feature_ids
 
-        ids = [line.split("\t")[0] for line in (job.features / TSV_NAME).read_text().splitlines()[1:] if line]
+        ids = feature_ids(job.features)
         unknown = sorted(set(job.ids) - set(ids))
         if unknown:
             raise ValueError(f"{job.features}: no clip with id {', '.join(unknown[:5])}")

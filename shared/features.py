@@ -38,8 +38,7 @@ class ExtractedFeatures(Dataset):
         if not (premade_mmap_dir / "meta.json").is_file():
             raise FeatureFormatError(f"{premade_mmap_dir}: not a feature memmap (no meta.json); run "
                                      "`mmaudio-lora features` first")
-        with open(tsv_path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
+        rows = _read_rows(tsv_path)
         self.ids = [row["id"] for row in rows]
         self.captions = [row["label"] for row in rows]
         td = TensorDict.load_memmap(premade_mmap_dir)
@@ -84,12 +83,26 @@ class ExtractedFeatures(Dataset):
         return item
 
 
+def _read_rows(tsv_path: Path) -> list[dict[str, str]]:
+    with open(tsv_path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _feature_tsv(directory: str | Path) -> Path:
+    tsv = Path(directory) / TSV_NAME
+    if not tsv.is_file():
+        raise FeatureFormatError(f"{directory}: no {TSV_NAME}; is this a folder written by `mmaudio-lora features`?")
+    return tsv
+
+
+def feature_ids(directory: str | Path) -> list[str]:
+    """The clip ids of a feature folder, in row order, without opening the memmap."""
+    return [row["id"] for row in _read_rows(_feature_tsv(directory))]
+
+
 def open_feature_dir(directory: str | Path, data_dim: dict[str, int]) -> ExtractedFeatures:
     """The features a `mmaudio-lora features` run wrote to `directory`."""
-    directory = Path(directory)
-    if not (directory / TSV_NAME).is_file():
-        raise FeatureFormatError(f"{directory}: no {TSV_NAME}; is this a folder written by `mmaudio-lora features`?")
-    return ExtractedFeatures(directory / TSV_NAME, premade_mmap_dir=directory / MEMMAP_DIR, data_dim=data_dim)
+    return ExtractedFeatures(_feature_tsv(directory), premade_mmap_dir=Path(directory) / MEMMAP_DIR, data_dim=data_dim)
 
 
 @dataclass

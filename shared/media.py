@@ -213,17 +213,22 @@ def _floor_ms(seconds: float) -> float:
     return math.floor(seconds * 1000) / 1000
 
 
-def _decode_frames(path: Path, start_sec: float, length: float, seq: SequenceConfig,
-                   timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _decode_frames(path: Path, start_sec: float, length: float, window_sec: float,
+                   timings: dict[str, float]) -> VideoFrames:
+    """Frames of [start, start + length] for both encoders, padded to the window."""
     import av
 
+    seq = SequenceConfig("16k", window_sec)  # frame counts do not depend on the audio mode
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError("no video stream")
-            return _read_frames(container, start_sec, length, seq.clip_seq_len, seq.sync_frames, timings)
+            clip, sync, video_extent = _read_frames(container, start_sec, length, seq.clip_seq_len,
+                                                    seq.sync_frames, timings)
     except av.error.FFmpegError as error:
         raise MediaError(f"cannot decode: {error}") from None
+    return VideoFrames(_pad_frames(clip, seq.clip_seq_len), _pad_frames(sync, seq.sync_frames),
+                       _floor_ms(min(length, video_extent)))
 
 
 def load_video(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
@@ -234,11 +239,7 @@ def load_video(path: str | Path, start_sec: float = 0.0, end_sec: float | None =
     window are the frames of a shorter one: one decode serves any duration up to the window.
     """
     path = Path(path)
-    length = _segment_length(path, start_sec, end_sec, window_sec)
-    seq = SequenceConfig("16k", window_sec)  # frame counts do not depend on the audio mode
-    clip, sync, video_extent = _decode_frames(path, start_sec, length, seq, {})
-    return VideoFrames(_pad_frames(clip, seq.clip_seq_len), _pad_frames(sync, seq.sync_frames),
-                       _floor_ms(min(length, video_extent)))
+    return _decode_frames(path, start_sec, _segment_length(path, start_sec, end_sec, window_sec), window_sec, {})
 
 
 def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None, *,
@@ -254,7 +255,7 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
     seq = SequenceConfig(mode, window_sec)
     path = Path(path)
     length = _segment_length(path, start_sec, end_sec, window_sec)
-    clip, sync, video_extent = _decode_frames(path, start_sec, length, seq, timings)
+    video = _decode_frames(path, start_sec, length, window_sec, timings)
     try:
         with av.open(str(path)) as container:
             track, first_time, rate = _read_audio(container)
@@ -272,12 +273,8 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
 
     resizing = timings.get("resize", 0.0) - resized_before
     timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - started - resizing
-    return Segment(
-        clip_frames=_pad_frames(clip, seq.clip_seq_len),
-        sync_frames=_pad_frames(sync, seq.sync_frames),
-        audio=audio.float(),
-        duration_sec=_floor_ms(min(length, video_extent, audio_extent)),
-    )
+    return Segment(video.clip_frames, video.sync_frames, audio.float(),
+                   duration_sec=_floor_ms(min(video.duration_sec, audio_extent)))
 
 
 def probe_duration(path: str | Path) -> float | None:

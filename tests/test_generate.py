@@ -152,6 +152,9 @@ def test_bad_inputs_give_clear_errors(run, tmp_path):
     result = runner.invoke(app, ["generate", "--run", str(run), "--video", str(tmp_path / "nowhere.mp4")])
     assert result.exit_code == 1 and "nowhere.mp4: no such video file or folder" in result.output
 
+    result = runner.invoke(app, ["generate", "--run", str(run), "--features", str(tmp_path)])
+    assert result.exit_code == 1 and "clips.tsv; is this a folder written by `mmaudio-lora features`?" in result.output
+
     result = runner.invoke(app, ["generate", "--run", str(run), "--variant", "large_44k_v2", "--video", str(EXAMPLE),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "trained on variant 'small_16k'" in result.output
