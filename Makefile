@@ -1,8 +1,12 @@
-# One environment in .venv; every target that runs code sets it up first.
+# One environment in .venv, exactly as uv.lock pins it; every target that runs code sets it up first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv itself lives in its own small venv, so nothing is installed outside the project.
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 
 # The user's files (override on the command line: make features TSV=... VIDEOS=...).
 TSV ?= data/segmented_clips.tsv
@@ -16,15 +20,22 @@ STEPS ?= 2000
 VIDEO ?= data/new_videos
 OUT ?= data/generated/$(VARIANT)
 
-.PHONY: setup test demo features train generate evaluate export bench
+.PHONY: setup lock test demo features train generate evaluate export bench
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+# --locked: install exactly the lock, and stop if pyproject.toml no longer agrees with it.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra test --python $(PYTHON)
 	touch $(STAMP)
+
+# Re-resolve every package to the newest release that pyproject.toml allows.
+lock: | $(UV)
+	$(UV) lock --upgrade
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

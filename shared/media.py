@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.resample import resample
 from shared.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,6 @@ CLIP_SIZE = 384
 SYNC_SIZE = 224
 PEAK = 0.95
 SILENCE = 1e-6
-# torchaudio's kaiser-windowed sinc, with the reference extractor's parameters.
-RESAMPLE = dict(lowpass_filter_width=64, rolloff=0.9475937167399596, resampling_method="sinc_interp_kaiser",
-                beta=14.769656459379492)
 RESIZE_CHUNK = 16  # frames resized together: bounded memory whatever the source resolution
 
 
@@ -174,15 +172,13 @@ def _read_audio(container) -> tuple[np.ndarray, float, int]:
 def _resample_segment(track: np.ndarray, offset: int, count: int, rate: int, target_rate: int) -> torch.Tensor:
     """Resample track[offset:offset + count] with real samples around it, so the segment's edges
     come out as if the whole track had been resampled (the reference resamples whole files)."""
-    import torchaudio
-
     if rate == target_rate:
         return torch.from_numpy(track[offset:offset + count].copy())
     unit = rate // math.gcd(rate, target_rate)  # source samples that map to a whole target count
     margin = unit * math.ceil(0.05 * rate / unit)
     head = min(offset, margin) // unit * unit
     window = torch.from_numpy(track[offset - head:offset + count + margin].copy())
-    resampled = torchaudio.transforms.Resample(rate, target_rate, **RESAMPLE)(window)
+    resampled = resample(window, rate, target_rate)
     skip = head * target_rate // rate
     return resampled[skip:skip + math.ceil(count * target_rate / rate)]
 

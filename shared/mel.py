@@ -1,6 +1,7 @@
 """Log-mel spectrograms, the VAE's input, exactly as MMAudio computes them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +28,46 @@ MEL_CONFIGS: dict[str, MelConfig] = {
 }
 
 
+# The Slaney mel scale (librosa's default): linear below 1 kHz, logarithmic above.
+_LINEAR_HZ_PER_MEL = 200.0 / 3
+_LOG_START_HZ = 1000.0
+_LOG_START_MEL = _LOG_START_HZ / _LINEAR_HZ_PER_MEL
+_LOG_STEP = math.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: float) -> float:
+    if hz < _LOG_START_HZ:
+        return hz / _LINEAR_HZ_PER_MEL
+    return _LOG_START_MEL + math.log(hz / _LOG_START_HZ) / _LOG_STEP
+
+
+def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+    linear = mels * _LINEAR_HZ_PER_MEL
+    logarithmic = _LOG_START_HZ * torch.exp(_LOG_STEP * (mels - _LOG_START_MEL))
+    return torch.where(mels >= _LOG_START_MEL, logarithmic, linear)
+
+
+def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """(n_freqs, n_mels) triangular filters on the Slaney mel scale, each scaled to unit area
+    (Slaney normalisation): librosa's default filterbank, in float32."""
+    bin_hz = torch.linspace(0, sample_rate // 2, n_freqs)
+    edges_hz = _mel_to_hz(torch.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
+    edge_gaps = edges_hz[1:] - edges_hz[:-1]
+    to_edge = edges_hz[None, :] - bin_hz[:, None]  # (n_freqs, n_mels + 2)
+    rising = -to_edge[:, :-2] / edge_gaps[:-1]
+    falling = to_edge[:, 2:] / edge_gaps[1:]
+    triangles = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    return triangles * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
+
+
 class MelConverter(nn.Module):
     """Waveform (B, N) in [-1, 1] → log-mel (B, n_mels, frames)."""
 
     def __init__(self, config: MelConfig):
         super().__init__()
-        import torchaudio
-
         self.config = config
-        # librosa's default filterbank: slaney mel scale with slaney area normalisation.
-        basis = torchaudio.functional.melscale_fbanks(
-            n_freqs=config.n_fft // 2 + 1, f_min=config.f_min, f_max=config.f_max,
-            n_mels=config.n_mels, sample_rate=config.sampling_rate, norm="slaney", mel_scale="slaney")
+        basis = mel_filterbank(config.n_fft // 2 + 1, config.f_min, config.f_max, config.n_mels,
+                               config.sampling_rate)
         self.register_buffer("mel_basis", basis.T.contiguous())
         self.register_buffer("hann_window", torch.hann_window(config.n_fft))
 

@@ -1,0 +1,27 @@
+"""The project's error type for the user's mistakes.
+
+A `UserError` is something the user can act on (a missing file, a wrong flag, a folder that is not
+ours); the CLI shows its message in one line. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+
+
+class UserError(Exception):
+    """Bad input or a refused action; the message names the file or option and what to do."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OS error: what failed and on which path (no traceback)."""
+    path = error.filename if error.filename is not None else ""
+    reason = error.strerror or str(error)
+    if error.filename2 is not None:
+        path = f"{path} → {error.filename2}"
+    return f"{path}: {reason}" if path else reason
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name that stays inside the folder it is joined to: no separator, not `.`/`..`, not hidden."""
+    return (bool(name) and name not in (".", "..") and not name.startswith(".") and "\x00" not in name
+            and os.sep not in name and "/" not in name and "\\" not in name)

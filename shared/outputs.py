@@ -1,0 +1,74 @@
+"""Where we may write: a command replaces only what mmaudio-lora wrote.
+
+Every output folder carries a marker (the feature folder's manifest, the run's config, a
+generation folder's `.mmaudio-lora`), and a folder is used only when it is new, empty, or carries
+that marker. Anything else is refused in one line, before any work starts, and nothing of the
+user's is moved or deleted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from shared.errors import UserError
+
+GENERATED_MARKER = ".mmaudio-lora"
+
+
+class OutputError(UserError):
+    """An output path we must not write to."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(folder: str | os.PathLike, marker: str, what: str,
+                        protected: tuple[Path, ...] = ()) -> Path:
+    """`folder` resolved, if it may receive our output: absent, empty, or carrying `marker`.
+
+    `protected` are the user's inputs (videos, lists): the folder may not hold any of them.
+    """
+    folder = Path(folder).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; give a folder for the {what}")
+    if _inside(Path.cwd().resolve(), folder):
+        raise OutputError(f"{folder}: is the current folder or holds it; give the {what} a folder of its own")
+    for path in protected:
+        if _inside(Path(path).resolve(), folder):
+            raise OutputError(f"{folder}: holds your input {path}; give the {what} a folder of its own")
+    if folder.is_dir() and not (folder / marker).exists() and any(folder.iterdir()):
+        raise OutputError(f"{folder}: holds files mmaudio-lora did not write (no {marker}); "
+                          f"choose a new or empty folder for the {what}")
+    return folder
+
+
+def claim_generated_folder(folder: str | os.PathLike, protected: tuple[Path, ...] = ()) -> Path:
+    """Check a generation output folder and mark it as ours."""
+    folder = check_output_folder(folder, GENERATED_MARKER, "generated audio", protected)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / GENERATED_MARKER
+        if not marker.exists():
+            atomic_write_text(marker, json.dumps({"tool": "mmaudio-lora", "kind": "generated"}) + "\n")
+    except OSError as error:
+        raise OutputError(f"cannot write to {folder}: {error.strerror or error}") from None
+    return folder
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
