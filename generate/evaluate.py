@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from generate.model import load_model, resolve_source, run_settings
+from shared.errors import UserError
 from shared.features import FeatureSet, data_dim, split
 from shared.flow import valid_frames, validation_loss
 from shared.lora import merge_adapter
@@ -59,12 +60,12 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], seq: Sequen
         clips = FeatureSet.load(settings["features"], data_dim(seq, dims), seq.duration_sec)
         _, val_index = split(clips.ids, settings["val_fraction"], settings["val_ids"])
         if not val_index:
-            raise ValueError(f"{run} trained without a validation split; pass --features with held-out clips")
+            raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
         clips, where = clips.subset(val_index), f"validation split of {run}"
     if ids:
         unknown = sorted(set(ids) - set(clips.ids))
         if unknown:
-            raise ValueError(f"clip id(s) not among the held-out clips: {', '.join(unknown[:5])}")
+            raise UserError(f"clip id(s) not among the held-out clips: {', '.join(unknown[:5])}")
         clips = clips.subset([n for n, i in enumerate(clips.ids) if i in ids])
     return clips, where
 

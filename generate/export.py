@@ -8,6 +8,7 @@ import torch
 
 from generate.model import load_model, resolve_source
 from shared.lora import AdapterError
+from shared.outputs import OutputError
 
 
 @dataclass
@@ -41,12 +42,43 @@ def merged_state_dict(run: Path, profile: str | None = None,
     return {key: value.detach().to(dtypes[key]).contiguous() for key, value in merged.items()}, variant
 
 
+EXPORT_MARKER = {"writer": "mmaudio-lora export"}  # in the .safetensors header: a file we may replace
+
+
+def _is_our_export(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return False
+    return all(metadata.get(k) == v for k, v in EXPORT_MARKER.items())
+
+
+def check_export_target(out: Path) -> tuple[Path, Path]:
+    """(.pth, .safetensors) paths to write: new files, or an earlier export of ours (its
+    .safetensors carries our marker); anything else is refused before the merge starts."""
+    out = Path(out)
+    companion = out.with_suffix(".safetensors")
+    if out.suffix == ".safetensors":
+        raise OutputError(f"{out}: give the .pth name; the .safetensors copy is written beside it")
+    for path in (out, companion):
+        if path.exists() and not path.is_file():
+            raise OutputError(f"{path}: exists and is not a file; give a file name for the merged checkpoint")
+    if (out.exists() or companion.exists()) and not _is_our_export(companion):
+        raise OutputError(f"{out}: a file mmaudio-lora did not export is in the way; choose another name")
+    if not out.parent.is_dir() and out.parent.exists():
+        raise OutputError(f"{out.parent}: is not a folder")
+    return out, companion
+
+
 def export_checkpoint(run: Path, out: Path, profile: str | None = None, checkpoint: str | None = None) -> ExportResult:
     """Write `out` (.pth, a plain state dict) and the same tensors as `.safetensors` beside it."""
     from shared.checkpoint import save_state_dict
 
+    out, companion = check_export_target(out)
     state, variant = merged_state_dict(Path(run), profile, checkpoint)
-    out = Path(out)
     save_state_dict(state, out)
-    save_state_dict(state, out.with_suffix(".safetensors"))
-    return ExportResult(out, out.with_suffix(".safetensors"), variant, len(state))
+    save_state_dict(state, companion, metadata=EXPORT_MARKER)
+    return ExportResult(out, companion, variant, len(state))

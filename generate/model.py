@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.errors import UserError
 from shared.lora import AdapterError, adapter_info, base_network, merge_adapter
 from shared.network import MMAudio
 
@@ -41,7 +42,7 @@ def resolve_source(run: Path | None = None, adapter: Path | None = None, profile
                    weights_dir: str | None = None) -> ModelSource:
     """Explicit options win; then the run's settings; then what the adapter recorded."""
     if run is not None and adapter is not None:
-        raise ValueError("give --run or --adapter, not both")
+        raise UserError("give --run or --adapter, not both")
     if run is not None:
         settings, adapter = run_settings(run), Path(run) / "adapter"
         if not adapter.is_dir():

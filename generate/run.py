@@ -8,6 +8,7 @@ picture). Requests from precomputed features load no encoder at all (only for a 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from generate.model import ModelSource, load_model
+from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
+from shared.outputs import claim_generated_folder
 from shared.sequence import DEFAULT_DURATION_SEC, SequenceConfig
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
                               use_duration)
@@ -43,6 +46,15 @@ class GenerateJob:
     batch_size: int = 4
     device: str = "auto"
     write_video: bool = True
+
+    def validate(self) -> None:
+        """Every argument checked before anything loads."""
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
+            raise UserError(f"--duration must be a positive number of seconds, not {self.duration:g}")
+        if not math.isfinite(self.lora_scale):
+            raise UserError(f"--lora-scale must be a finite number, not {self.lora_scale}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -85,10 +97,10 @@ def _video_files(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
             if not files:
-                raise ValueError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
+                raise UserError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
             found.extend(files)
         elif not path.exists():
-            raise ValueError(f"{path}: no such video file or folder")
+            raise UserError(f"{path}: no such video file or folder")
         else:
             found.append(path)
     return found
@@ -112,17 +124,20 @@ def collect_requests(job: GenerateJob) -> list[Request]:
         ids = feature_ids(job.features)
         unknown = sorted(set(job.ids) - set(ids))
         if unknown:
-            raise ValueError(f"{job.features}: no clip with id {', '.join(unknown[:5])}")
+            raise UserError(f"{job.features}: no clip with id {', '.join(unknown[:5])}")
         requests.extend(Request(clip_id, caption=caption, feature_row=row)
                         for row, clip_id in enumerate(ids) if not job.ids or clip_id in job.ids)
     if not requests:
         if job.prompt is None:
-            raise ValueError("nothing to generate: give --video, --tsv, --features or --prompt")
+            raise UserError("nothing to generate: give --video, --tsv, --features or --prompt")
         requests.append(Request(_slug(job.prompt), caption=job.prompt))
     names = [r.name for r in requests]
+    unsafe = [n for n in names if not is_plain_file_name(n)]
+    if unsafe:
+        raise UserError(f"output names must be plain file names (no /, \\ or leading .): {', '.join(unsafe[:5])}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"several inputs would write the same output name: {', '.join(repeated[:5])}; "
+        raise UserError(f"several inputs would write the same output name: {', '.join(repeated[:5])}; "
                          "generate them into separate --out folders")
     return requests
 
@@ -223,7 +238,10 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
     from shared.device import resolve_device
 
     started = time.perf_counter()
+    job.validate()
     requests = collect_requests(job)
+    inputs = tuple(job.videos) + tuple(p for p in (job.tsv, job.features) if p is not None)
+    out = claim_generated_folder(job.out, protected=inputs)
     device = resolve_device(job.device)
     if job.source.profile == "real":
         encoders_needed = bool(job.negative_prompt) or any(
@@ -235,7 +253,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
         check_weights(job.source, variant, encoders_needed)
     network.to(device)
     mode = network.config.mode
-    summary = Summary(Path(job.out), variant)
+    summary = Summary(out, variant)
     stored = _open_stored(job, network)
     encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device)
     decoder = AudioDecoder(mode, job.source.profile, job.source.weights_dir, device)
@@ -253,7 +271,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
         members = [prepared[n] for n in batch]
         audio = _generate_batch(members, job, network, encoders, decoder, negative)
         for member, samples in zip(members, audio):
-            _write(member.request, samples, decoder.sampling_rate, job, summary)
+            _write(member.request, samples, decoder.sampling_rate, out, job.write_video, summary)
     summary.models_loaded = sorted(encoders.models) + decoder.loaded_models
     summary.seconds = time.perf_counter() - started
     return summary
@@ -279,13 +297,13 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
     return decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
 
 
-def _write(request: Request, audio: torch.Tensor, rate: int, job: GenerateJob, summary: Summary) -> None:
+def _write(request: Request, audio: torch.Tensor, rate: int, out: Path, write_video: bool,
+           summary: Summary) -> None:
     """The wav, then the mp4; a clip whose mp4 cannot be written is reported, the others go on."""
     from shared.media import write_video_with_audio, write_wav
 
-    out = Path(job.out)
     summary.written.append(write_wav(out / f"{request.name}.wav", audio, rate))
-    if request.video is not None and job.write_video:
+    if request.video is not None and write_video:
         try:
             summary.written.append(write_video_with_audio(request.video, out / f"{request.name}.mp4", audio, rate,
                                                           request.start_sec))

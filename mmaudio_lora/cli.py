@@ -5,12 +5,14 @@ Heavy imports (torch, models) happen inside the commands so that `--help` stays 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 from mmaudio_lora import __version__
+from shared.errors import UserError, describe_os_error
 
 app = typer.Typer(
     help="Fine-tune MMAudio with LoRA on your own videos: precompute features, train, generate.",
@@ -40,6 +42,20 @@ LICENCE_NOTE = ("MMAudio's code is MIT, but its checkpoints are CC-BY-NC 4.0 (no
 
 VARIANT_HELP = "Network variant: small_16k, small_44k, medium_44k, large_44k or large_44k_v2."
 WEIGHTS_HELP = "Folder holding the official weight files by name [default: data/weights, or $MMAUDIO_LORA_WEIGHTS]."
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """The user's mistakes and OS refusals (permissions, full disk) as one line and exit 1;
+    anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    except OSError as error:
+        typer.echo(f"error: {describe_os_error(error)}", err=True)
+        raise typer.Exit(1)
 
 
 def _size(num_bytes: int) -> str:
@@ -87,15 +103,10 @@ def download(
     mirror: Optional[str] = typer.Option(None, help="Base URL of a mirror serving the files by their official names."),
 ) -> None:
     """Download the weight files of a variant that are missing (resumes partial files, verifies md5)."""
-    from shared.weights import DownloadError, download_missing
+    from shared.weights import download_missing
 
-    try:
+    with user_errors():
         fetched = download_missing(variant, weights_dir, mirror)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--variant")
-    except DownloadError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
     for path in fetched:
         typer.echo(f"downloaded {path} ({_size(path.stat().st_size)})")
     typer.echo("Nothing to download: all files in place." if not fetched else f"{len(fetched)} file(s) downloaded.")
@@ -106,7 +117,8 @@ def features(
     tsv: Path = typer.Option(Path("data/segmented_clips.tsv"), help="Clip list: `id, label` (MMAudio) or "
                              "`video_path, start_time, end_time, caption, ...` (segments)."),
     video_root: Path = typer.Option(Path("data/segmented_videos"), help="Folder the list's paths are relative to."),
-    out: Path = typer.Option(Path("data/features/train"), help="Output folder (replaced atomically)."),
+    out: Path = typer.Option(Path("data/features/train"), help="Output folder (replaced atomically); new, empty "
+                             "or one that `features` wrote."),
     profile: str = typer.Option("real", help="real: official weights; tiny: small deterministic models (tests, demo)."),
     mode: str = typer.Option("44k", help="Audio mode of the network you will train: 16k or 44k."),
     window: float = typer.Option(8.0, help="Model window in seconds; shorter clips are padded."),
@@ -117,21 +129,17 @@ def features(
     batch_size: int = typer.Option(8, min=1, help="Clips encoded together."),
     workers: int = typer.Option(2, min=0, help="Decoding processes (DataLoader workers)."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    allow_symlinks: bool = typer.Option(False, help="Accept symbolic links in the video root that lead "
+                                        "outside it (data sets built from links)."),
 ) -> None:
     """Precompute training features (ExtractedVGG memmaps) for a list of clips; only what changed."""
-    from shared.clips import ClipListError
-    from precompute.run import FeatureJob, StrictModeError, run_features
-    from shared.checkpoint import CheckpointError
-    from shared.weights import MissingWeightsError
+    from precompute.run import FeatureJob, run_features
 
     job = FeatureJob(tsv=tsv, video_root=video_root, out=out, profile=profile, mode=mode, window_sec=window,
                      strict=strict, split_long=split_long, device=device, batch_size=batch_size, workers=workers,
-                     weights_dir=weights_dir)
-    try:
+                     weights_dir=weights_dir, allow_symlinks=allow_symlinks)
+    with user_errors():
         summary = run_features(job)
-    except (ClipListError, MissingWeightsError, CheckpointError, StrictModeError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
     if not summary.writer:
         return
     if summary.up_to_date:
@@ -167,15 +175,13 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default 42]."),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint up to --steps."),
+    overwrite: bool = typer.Option(False, help="Replace the run in --run (deleted whole) instead of refusing."),
 ) -> None:
     """Fine-tune the network with LoRA on precomputed features (encoders are never loaded)."""
-    from shared.checkpoint import CheckpointError
-    from shared.features import FeatureFormatError
     from train.config import TrainConfig
-    from shared.lora import AdapterError
     from train.loop import train
 
-    try:
+    with user_errors():
         settings = TrainConfig.from_toml(config) if config else TrainConfig()
         overrides = {"features": [str(f) for f in features], "run": str(run), "profile": profile,
                      "checkpoint": str(checkpoint) if checkpoint else None, "variant": variant, "steps": steps,
@@ -184,13 +190,11 @@ def train_command(
         for key, value in overrides.items():
             if value is not None:
                 setattr(settings, key, value)
-        result = train(settings, resume=resume)
-    except (CheckpointError, FeatureFormatError, AdapterError, ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
+        result = train(settings, resume=resume, overwrite=overwrite)
     if not result.writer:
         return
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; LoRA parameters "
+    resumed = f" (now at step {result.steps})" if result.steps != result.steps_this_run else ""
+    typer.echo(f"trained {result.steps_this_run} steps{resumed} in {result.seconds:.0f} s; LoRA parameters "
                f"{result.trainable_parameters:,} of {result.total_parameters:,}")
     best = f", best validation loss {result.best_val_loss:.4f} ({run / 'best' / 'adapter'})" \
         if result.best_val_loss is not None else ""
@@ -257,16 +261,11 @@ def generate(
     """Generate audio for videos, a clip list, precomputed features or a prompt, with or without an adapter."""
     from generate.model import resolve_source
     from generate.run import GenerateJob, generate as run_generation
-    from shared.checkpoint import CheckpointError
-    from shared.clips import ClipListError
-    from shared.features import FeatureFormatError
-    from shared.lora import AdapterError
     from shared.synthesis import SamplingSettings
-    from shared.weights import MissingWeightsError
 
     if sum([run is not None, adapter is not None, no_adapter]) != 1:
         raise typer.BadParameter("give exactly one of --run, --adapter or --no-adapter", param_hint="--run")
-    try:
+    with user_errors():
         source = resolve_source(run, adapter, profile, str(checkpoint) if checkpoint else None, variant,
                                 str(weights_dir) if weights_dir else None)
         job = GenerateJob(out=out, source=source, videos=video, tsv=tsv, video_root=video_root, features=features,
@@ -274,10 +273,6 @@ def generate(
                           sampling=SamplingSettings(steps, cfg, seed), lora_scale=lora_scale,
                           batch_size=batch_size, device=device, write_video=mp4)
         summary = run_generation(job)
-    except (AdapterError, CheckpointError, ClipListError, FeatureFormatError, MissingWeightsError,
-            ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
     for line in summary.skipped:
         typer.echo(f"skipped {line}")
     model = "base model" if no_adapter else f"adapter {source.adapter} (scale {lora_scale:g})"
@@ -307,18 +302,11 @@ def evaluate(
 ) -> None:
     """Compare the base model with the fine-tuned one on held-out clips: flow loss and log-mel L1."""
     from generate.evaluate import evaluate as run_evaluation
-    from shared.checkpoint import CheckpointError
-    from shared.features import FeatureFormatError
-    from shared.lora import AdapterError
     from shared.synthesis import SamplingSettings
-    from shared.weights import MissingWeightsError
 
-    try:
+    with user_errors():
         result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed), lora_scale, batch_size,
                                 device, profile, str(checkpoint) if checkpoint else None, weights_dir, out)
-    except (AdapterError, CheckpointError, FeatureFormatError, MissingWeightsError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
                f"{steps} steps, cfg {cfg:g}, seed {seed}:")
     typer.echo(result.table())
@@ -334,13 +322,8 @@ def export(
 ) -> None:
     """Merge the LoRA adapter into the base network: a checkpoint in the official layout."""
     from generate.export import export_checkpoint
-    from shared.checkpoint import CheckpointError
-    from shared.lora import AdapterError
 
-    try:
+    with user_errors():
         result = export_checkpoint(run, out, profile, str(checkpoint) if checkpoint else None)
-    except (AdapterError, CheckpointError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1)
     typer.echo(f"{result.pth} and {result.safetensors}: {result.variant}, {result.tensors} tensors, "
                "no LoRA left (load with MMAudio's own loader, strict)")

@@ -55,7 +55,7 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
     config = TrainConfig(features=[str(features)], run=str(root / "run"), profile="tiny", steps=steps, batch_size=4,
                          lr=1e-3, warmup_steps=20, val_fraction=0.25, val_every=50, checkpoint_every=100,
                          device="cpu")
-    result = train(config)
+    result = train(config, overwrite=True)  # the demo's own run: a rerun starts it afresh
     generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run)),
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"], device="cpu"))
     return DemoResult(tsv, features, Path(config.run), summary, result, generated.written)

@@ -13,20 +13,24 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared.clips import Clip, read_clip_list, split_into_windows
+from shared.errors import UserError
 from precompute.store import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     MEDIA_KEYS,
     TEXT_KEY,
     WorkCache,
     load_rows,
+    output_lock,
     read_manifest,
     recover,
     write_output,
 )
+from shared.outputs import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class FeatureJob:
     batch_size: int = 8
     workers: int = 2
     weights_dir: Path | None = None
+    allow_symlinks: bool = False
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Summary:
         return self.encoded_media / self.seconds if self.seconds else 0.0
 
 
-class StrictModeError(RuntimeError):
+class StrictModeError(UserError, RuntimeError):
     pass
 
 
@@ -91,7 +96,7 @@ def _file_identity(path: Path) -> list:
 
 def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
     """Every output row with its fingerprints; cheap (reads the list and stats the files)."""
-    clips = read_clip_list(job.tsv, job.video_root)
+    clips = read_clip_list(job.tsv, job.video_root, job.allow_symlinks)
     if job.split_long:
         from shared.media import probe_duration
 
@@ -107,8 +112,6 @@ def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
 
 
 def _with_probed_end(clip: Clip, probe_duration) -> Clip:
-    from dataclasses import replace
-
     duration = probe_duration(clip.video)
     return clip if duration is None else replace(clip, end_sec=duration)
 
@@ -118,10 +121,17 @@ def _entries(items: list[Item]) -> list[list[str]]:
 
 
 def run_features(job: FeatureJob, show_progress: bool = True) -> Summary:
+    """Bring `job.out` up to date with the list; refuses an output folder that is not ours."""
+    out = check_output_folder(job.out, MANIFEST_NAME, "features", protected=(Path(job.video_root), Path(job.tsv)))
+    with output_lock(out):
+        return _run_locked(replace(job, out=out), show_progress)
+
+
+def _run_locked(job: FeatureJob, show_progress: bool) -> Summary:
     from precompute.encode import weight_identity
 
     started = time.perf_counter()
-    out = Path(job.out)
+    out = job.out
     recover(out)
     weights = weight_identity(job.profile, job.mode, job.weights_dir)
     items = plan(job, weights)

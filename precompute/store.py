@@ -15,8 +15,11 @@ import csv
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from shared.errors import UserError
 from shared.features import MEMMAP_DIR, TSV_NAME
 
 MANIFEST_NAME = "manifest.json"
@@ -28,6 +31,36 @@ FORMAT_VERSION = 1
 
 def sibling(out: Path, suffix: str) -> Path:
     return out.parent / f".{out.name}.{suffix}"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `out` for the run: a second run on the same folder stops at
+    once, naming the process that holds it (released by the OS even if this process is killed)."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":  # a torchrun job: rank 0 holds it for all ranks
+        yield
+        return
+    path = sibling(out, "lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{out}: another `features` run ({holder}) is writing this folder; "
+                            "wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: nothing of ours stays beside the output
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def recover(out: Path) -> None:

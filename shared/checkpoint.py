@@ -5,18 +5,20 @@ Files are read with `torch.load(weights_only=True)` or safetensors only, never u
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
+from shared.errors import UserError
 from shared.network import VARIANTS, MMAudio, build_network
 
 # Older official files also hold these non-persistent tables; they are rebuilt from lengths.
 LEGACY_KEYS = ("t_embed.freqs", "latent_rot", "clip_rot")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weight file that cannot be used, with a message a user can act on."""
 
 
@@ -32,9 +34,21 @@ def read_checkpoint(path: str | os.PathLike):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable weight file (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(f"{path}: {_why_unreadable(error)}") from None
     return state
+
+
+def _why_unreadable(error: Exception) -> str:
+    """One line for a file torch or safetensors would not load. torch's own message for a pickle
+    with code in it advises the unsafe load; we never repeat that advice."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        detail = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", text)
+        called = f" (it calls {detail.group(1)})" if detail else ""
+        return (f"refused: a pickle that would run code or build arbitrary objects when loaded{called}; "
+                "only plain weight files are read")
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return f"not a readable weight file (truncated or corrupt?): {reason}"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -113,8 +127,10 @@ def load_network(path: str | os.PathLike, variant: str | None = None,
     return network.to(device)
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a plain state dict atomically: `.safetensors` by suffix, else torch's format."""
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write a plain state dict atomically: `.safetensors` (with `metadata` in its header) by
+    suffix, else torch's format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -123,7 +139,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, temporary)
+            save_file(tensors, temporary, metadata=dict(metadata or {}, format="pt"))
         else:
             torch.save(tensors, temporary)
         os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file

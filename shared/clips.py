@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from shared.errors import UserError, is_plain_file_name
 
-class ClipListError(ValueError):
+
+class ClipListError(UserError):
     """The list cannot be used as it is; the message names the file, the rows and the problem."""
 
 
@@ -33,26 +37,44 @@ def _safe_id(text: str) -> str:
 
 def _rows_message(problem: str, rows: list[int], limit: int = 10) -> str:
     shown = ", ".join(map(str, rows[:limit])) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
-    return f"rows {shown}: {problem}"
+    return f"{'row' if len(rows) == 1 else 'rows'} {shown}: {problem}"
 
 
-def _resolve(video_root: Path, relative: str) -> Path | None:
-    """The video's path under the root, or None when the path escapes it."""
+def _resolve(video_root: Path, relative: str, allow_symlinks: bool) -> tuple[Path | None, str | None]:
+    """The video's path under the root, or None and the reason it is refused."""
     root = video_root.resolve()
-    path = (root / relative).resolve()
-    return path if path == root or root in path.parents else None
+    written = Path(os.path.normpath(root / relative))
+    if not (written == root or root in written.parents):
+        return None, f"path escapes the video root {video_root}"
+    path = written.resolve()
+    if path == root or root in path.parents or allow_symlinks:
+        return written, None  # as written: ids derive from it, and a link opens as its target
+    return None, (f"a symbolic link leads outside the video root {video_root} (to {path}); "
+                  "pass --allow-symlinks to accept linked data sets")
 
 
-def read_clip_list(tsv: str | Path, video_root: str | Path) -> list[Clip]:
-    """Every clip of the list, validated; one ClipListError naming all the bad rows."""
+def _read_text(tsv: Path) -> str:
+    data = tsv.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ClipListError(f"{tsv}: line {line} is not UTF-8 (byte 0x{data[error.start]:02x}); "
+                            "save the list as UTF-8") from None
+
+
+def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool = False) -> list[Clip]:
+    """Every clip of the list, validated; one ClipListError naming all the bad rows.
+
+    The list is TSV as spreadsheets write it: a field in double quotes may hold tabs and quotes.
+    """
     tsv, video_root = Path(tsv), Path(video_root)
     if not tsv.is_file():
         raise ClipListError(f"{tsv}: no such file")
-    with open(tsv, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = columns
-        records = list(reader)
+    reader = csv.DictReader(io.StringIO(_read_text(tsv), newline=""), delimiter="\t")
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    reader.fieldnames = columns
+    records = list(reader)
     if "video_path" in columns:
         required = ["video_path", "start_time", "end_time"]
     elif "id" in columns:
@@ -71,7 +93,10 @@ def read_clip_list(tsv: str | Path, video_root: str | Path) -> list[Clip]:
     problems: dict[str, list[int]] = {}
     clips = []
     for line, record in enumerate(records, start=2):
-        record = {k: (v or "").strip() for k, v in record.items() if k is not None}
+        if None in record or None in record.values():
+            problems.setdefault(f"not {len(columns)} tab-separated fields as in the header", []).append(line)
+            continue
+        record = {k: v.strip() for k, v in record.items()}
         if "video_path" in columns:
             relative = record["video_path"]
             try:
@@ -88,15 +113,21 @@ def read_clip_list(tsv: str | Path, video_root: str | Path) -> list[Clip]:
                 problems.setdefault("start_time is negative", []).append(line)
                 continue
             clip_id = record.get("id", "")
+            if clip_id and not is_plain_file_name(clip_id):
+                problems.setdefault("id is not a plain file name (no /, \\ or leading .)", []).append(line)
+                continue
         else:
             clip_id = record["id"]
+            if not is_plain_file_name(clip_id):
+                problems.setdefault("id is not a plain file name (no /, \\ or leading .)", []).append(line)
+                continue
             relative, start, end = f"{clip_id}.mp4", 0.0, None
         if not relative:
             problems.setdefault("empty video path or id", []).append(line)
             continue
-        video = _resolve(video_root, relative)
-        if video is None:
-            problems.setdefault(f"path escapes the video root {video_root}", []).append(line)
+        video, refusal = _resolve(video_root, relative, allow_symlinks)
+        if refusal is not None:
+            problems.setdefault(refusal, []).append(line)
             continue
         clips.append(Clip(line, clip_id, video, start, end, record[caption_column]))
     if problems:

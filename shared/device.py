@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.errors import UserError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → CUDA when usable, else CPU; `cuda` fails clearly when CUDA is not usable."""
@@ -10,7 +12,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not usable here (no GPU or no CUDA build)")
+        raise UserError("--device cuda was asked for, but CUDA is not usable here (no GPU or no CUDA build)")
     return device
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 
 
-class UserError(Exception):
-    """Bad input or a refused action; the message names the file or option and what to do."""
+class UserError(ValueError):
+    """Bad input or a refused action; the message names the file or option and what to do.
+
+    A ValueError, so code that validates values can catch it like any other bad value."""
 
 
 def describe_os_error(error: OSError) -> str:

@@ -9,11 +9,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from shared.errors import UserError, is_plain_file_name
+
+
 MEMMAP_DIR = "memmap"
 TSV_NAME = "clips.tsv"
 
 
-class FeatureFormatError(ValueError):
+class FeatureFormatError(UserError):
     pass
 
 
@@ -84,8 +87,13 @@ class ExtractedFeatures(Dataset):
 
 
 def _read_rows(tsv_path: Path) -> list[dict[str, str]]:
+    """The rows of a feature folder's clips.tsv; ids become file names, so each must be a plain one."""
     with open(tsv_path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    for line, row in enumerate(rows, start=2):
+        if not is_plain_file_name(row.get("id") or ""):
+            raise FeatureFormatError(f"{tsv_path}: row {line}: id {row.get('id')!r} is not a plain file name")
+    return rows
 
 
 def _feature_tsv(directory: str | Path) -> Path:
@@ -119,7 +127,7 @@ class FeatureSet:
         ids = [i for part in parts for i in part.ids]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
-            raise ValueError(f"clip ids appear in several feature folders: {', '.join(duplicates[:5])}")
+            raise UserError(f"clip ids appear in several feature folders: {', '.join(duplicates[:5])}")
         tensors = {
             "a_mean": torch.cat([p.mean[:] for p in parts]),
             "a_std": torch.cat([p.std[:] for p in parts]),
@@ -150,7 +158,7 @@ def split(ids: list[str], val_fraction: float, val_ids: list[str]) -> tuple[list
     if val_ids:
         unknown = sorted(set(val_ids) - set(ids))
         if unknown:
-            raise ValueError(f"validation ids not in the features: {', '.join(unknown[:5])}")
+            raise UserError(f"validation ids not in the features: {', '.join(unknown[:5])}")
         chosen = set(val_ids)
     elif val_fraction > 0 and len(ids) > 1:
         ranked = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
@@ -160,5 +168,5 @@ def split(ids: list[str], val_fraction: float, val_ids: list[str]) -> tuple[list
     train = [n for n, i in enumerate(ids) if i not in chosen]
     val = [n for n, i in enumerate(ids) if i in chosen]
     if not train:
-        raise ValueError("every clip is in the validation split; nothing left to train on")
+        raise UserError("every clip is in the validation split; nothing left to train on")
     return train, val

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.errors import UserError
 from shared.network import MMAudio
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_INFO = "mmaudio_lora.json"  # which base network the adapter belongs to (peft does not record it)
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     pass
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shared.errors import UserError
 from shared.resample import resample
 from shared.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
 
@@ -29,7 +30,7 @@ SILENCE = 1e-6
 RESIZE_CHUNK = 16  # frames resized together: bounded memory whatever the source resolution
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """A file that cannot give a training segment; the message says why."""
 
 
@@ -155,15 +156,22 @@ def _read_audio(container) -> tuple[np.ndarray, float, int]:
         raise MediaError("no audio track (the audio is the training target)")
     stream = container.streams.audio[0]
     rate = stream.rate or stream.codec_context.sample_rate
-    resampler = av.AudioResampler(format="fltp")  # planar float at the native rate and layout
+    # Packed float at the native rate and layout: one plane whatever the channel count (PyAV's
+    # planar conversion crashes on 8 channels); the channels are then averaged, as the reference does.
+    resampler = av.AudioResampler(format="flt")
     chunks, first_time = [], None
+
+    def add(packed) -> None:
+        channels = packed.layout.nb_channels
+        chunks.append(packed.to_ndarray().reshape(-1, channels).mean(axis=1))
+
     for frame in container.decode(stream):
-        for planar in resampler.resample(frame):
+        for packed in resampler.resample(frame):
             if first_time is None:
-                first_time = planar.time if planar.time is not None else 0.0
-            chunks.append(planar.to_ndarray().mean(axis=0))
-    for planar in resampler.resample(None):
-        chunks.append(planar.to_ndarray().mean(axis=0))
+                first_time = packed.time if packed.time is not None else 0.0
+            add(packed)
+    for packed in resampler.resample(None):
+        add(packed)
     if not chunks:
         raise MediaError("the audio track holds no samples")
     return np.concatenate(chunks).astype(np.float32), first_time or 0.0, rate
@@ -258,6 +266,9 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
     except av.error.FFmpegError as error:
         raise MediaError(f"cannot decode: {error}") from None
 
+    if first_time > 0:  # sound starts after the picture: silence until its first sample
+        track = np.concatenate([np.zeros(int(round(first_time * rate)), np.float32), track])
+        first_time = 0.0
     peak = float(np.abs(track).max())
     offset = max(0, int(round((start_sec - first_time) * rate)))
     samples = track[offset:offset + int(round(length * rate))]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import UserError
 from shared.sequence import AUDIO_MODES
 
 
@@ -86,5 +87,5 @@ class MelConverter(nn.Module):
 
 def build_mel_converter(mode: str) -> MelConverter:
     if mode not in MEL_CONFIGS:
-        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(MEL_CONFIGS)}")
+        raise UserError(f"unknown audio mode {mode!r}; expected one of {sorted(MEL_CONFIGS)}")
     return MelConverter(MEL_CONFIGS[mode])

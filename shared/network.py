@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import UserError
 from shared.layers import (
     MLP,
     ChannelLastConv1d,
@@ -245,7 +246,7 @@ def build_network(variant: str | None = None, **hyperparameters) -> MMAudio:
     """
     if variant is not None:
         if variant not in VARIANTS:
-            raise ValueError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
+            raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
         config = replace(VARIANTS[variant], **hyperparameters)
     else:
         config = NetworkConfig(**hyperparameters)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.errors import UserError
 
+
 GENERATED_MARKER = ".mmaudio-lora"
 
 

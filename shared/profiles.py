@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from shared.errors import UserError
 from shared.network import VARIANTS, NetworkConfig
 
 PROFILES = ("real", "tiny")
@@ -39,7 +40,7 @@ class FeatureDims:
 
 def check_profile(profile: str) -> str:
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+        raise UserError(f"unknown profile {profile!r}; expected one of {PROFILES}")
     return profile
 
 
@@ -52,7 +53,7 @@ def feature_dims(profile: str = "real") -> FeatureDims:
 def network_config(variant: str, profile: str = "real") -> NetworkConfig:
     """An official variant, or for `tiny` a small network with the variant's latent layout."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
     official = VARIANTS[variant]
     if check_profile(profile) == "real":
         return official

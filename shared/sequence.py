@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shared.errors import UserError
+
 # Audio properties of each mode: sample rate and mel hop (the spectrogram frame rate).
 AUDIO_MODES: dict[str, tuple[int, int]] = {"16k": (16000, 256), "44k": (44100, 512)}
 
@@ -28,9 +30,9 @@ class SequenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in AUDIO_MODES:
-            raise ValueError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
+            raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.sync_windows < 1:
-            raise ValueError(
+            raise UserError(
                 f"duration {self.duration_sec} s is too short: Synchformer needs at least "
                 f"{SYNC_WINDOW_FRAMES / SYNC_FPS:.2f} s of video"
             )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.errors import UserError
 from shared.flow import euler_sample
 from shared.network import MMAudio
 from shared.sequence import SequenceConfig
@@ -22,9 +23,9 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, not {self.steps}")
+            raise UserError(f"steps must be at least 1, not {self.steps}")
         if self.cfg_strength < 0:
-            raise ValueError(f"cfg strength must be non-negative, not {self.cfg_strength}")
+            raise UserError(f"cfg strength must be non-negative, not {self.cfg_strength}")
 
 
 def use_duration(network: MMAudio, seq: SequenceConfig) -> None:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.errors import UserError
+
 CLAMP = 256.0
 RESIDUAL_BALANCE = 0.3
 
@@ -215,7 +217,7 @@ def vae_config(mode: str, profile: str = "real") -> VAEConfig:
     from shared.profiles import TINY_VAE_HIDDEN, check_profile
 
     if mode not in VAE_CONFIGS:
-        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
+        raise UserError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
     config = VAE_CONFIGS[mode]
     return config if check_profile(profile) == "real" else replace(config, hidden_dim=TINY_VAE_HIDDEN)
 

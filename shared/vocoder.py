@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.errors import UserError
+
 # MMAudio's bigvgan_vocoder.yml (only the generator's hyper-parameters matter here).
 BIGVGAN_16K = {
     "num_mels": 80,
@@ -75,7 +77,7 @@ def vocoder_hyperparameters(mode: str, profile: str = "real", config_file: str |
             return json.loads(Path(config_file).read_text())
         base = dict(BIGVGAN_16K, **BIGVGAN_44K_SHAPES)
     else:
-        raise ValueError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
+        raise UserError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
     return base if profile == "real" else dict(base, **TINY_CHANNELS)
 
 

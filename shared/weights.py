@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.errors import UserError
 from shared.network import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def mode_of(variant: str) -> str:
 def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple[str, ...]]]:
     """Every file the real profile of a variant uses, with the commands that need it."""
     if variant not in VARIANTS:
-        raise ValueError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
     mode = mode_of(variant)
     files = [
         (NETWORK_WEIGHTS[variant], ("train", "generate")),
@@ -120,7 +121,7 @@ def resolve(weight_file: WeightFile, weights_dir: str | os.PathLike | None = Non
     return _hf_cache_path(weight_file)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(UserError, FileNotFoundError):
     pass
 
 
@@ -151,7 +152,7 @@ def check_files(variant: str = DEFAULT_VARIANT, weights_dir: str | os.PathLike |
 
 # -- downloading ------------------------------------------------------------------------------
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     pass
 
 

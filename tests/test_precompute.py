@@ -208,7 +208,7 @@ def test_bad_lists_name_their_rows(tmp_path):
     cases = {
         "missing column": ("video_path\tcaption\na.mp4\tx\n", "missing column"),
         "times": ("video_path\tstart_time\tend_time\tcaption\na.mp4\tzero\t1\tx\nb.mp4\t2\t1\ty\n",
-                  "rows 2: start_time/end_time is not a number; rows 3: end_time is not after start_time"),
+                  "row 2: start_time/end_time is not a number; row 3: end_time is not after start_time"),
         "escape": ("video_path\tstart_time\tend_time\tcaption\n../../etc/passwd\t0\t1\tx\n", "escapes the video root"),
         "duplicates": ("id\tlabel\nabc\tx\nabc\ty\n", "duplicate ids: id 'abc' on rows 2, 3"),
         "no schema": ("name\tcaption\na\tb\n", "needs either an `id` column"),

@@ -16,6 +16,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from shared.errors import UserError
+
 DEFAULT_TARGETS = r"(joint_blocks\.\d+\.(latent|clip|text)_block|fused_blocks\.\d+)\.(attn\.qkv|linear1|ffn\.w[123])"
 
 
@@ -67,22 +69,22 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+            raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
         return cls(**data)
 
     def validate(self) -> "TrainConfig":
         if not self.features:
-            raise ValueError("no --features folder given")
+            raise UserError("no --features folder given")
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, not {self.schedule!r}")
+            raise UserError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError("val_fraction must be in [0, 1)")
+            raise UserError("val_fraction must be in [0, 1)")
         if self.sample_every < 0 or self.sample_clips < 1 or self.sample_steps < 1:
-            raise ValueError("sample_every must be ≥ 0, sample_clips and sample_steps positive")
+            raise UserError("sample_every must be ≥ 0, sample_clips and sample_steps positive")
         if min(self.steps, self.batch_size, self.grad_accumulation, self.rank) < 1:
-            raise ValueError("steps, batch_size, grad_accumulation and rank must be positive")
+            raise UserError("steps, batch_size, grad_accumulation and rank must be positive")
         return self
 
     def save(self, path: Path) -> None:

@@ -23,21 +23,25 @@ from pathlib import Path
 
 import torch
 
+from shared.errors import UserError
 from shared.features import FeatureSet, data_dim, split
 from shared.flow import validation_loss
 from shared.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
+from shared.outputs import check_output_folder
 from shared.sequence import SequenceConfig
 from train.config import TrainConfig
 from train.objective import training_loss
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.json"  # also what marks a folder as a run of ours
 
 
 @dataclass
 class RunResult:
     run: Path
-    steps: int
+    steps: int  # the run's step count when this invocation ended
+    steps_this_run: int  # steps this invocation trained (fewer than `steps` after --resume)
     trainable_parameters: int
     total_parameters: int
     last_train_loss: float
@@ -69,10 +73,45 @@ def _schedule(config: TrainConfig):
     return factor
 
 
-def _latest_checkpoint(run: Path) -> Path | None:
-    checkpoints = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [c for c in checkpoints if (c / STATE_FILE).is_file() and (c / "adapter").is_dir()]
-    return complete[-1] if complete else None
+def _complete_checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoints that finished writing, newest first."""
+    checkpoints = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    return [c for c in checkpoints if (c / STATE_FILE).is_file() and (c / "adapter").is_dir()]
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """(adapter tensors, trainer state) of one checkpoint; raises if either file is unreadable."""
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError("not a trainer state")
+    return adapter, state
+
+
+def _newest_readable_checkpoint(run: Path) -> tuple[Path, dict, dict] | None:
+    """The newest checkpoint that loads; a damaged one is reported and the previous one used."""
+    for folder in _complete_checkpoints(run):
+        try:
+            return (folder, *_read_checkpoint(folder))
+        except Exception as error:  # any damage: truncated zip, bad header, foreign pickle
+            log.warning("%s is unreadable (%s); trying the previous checkpoint",
+                        folder, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+    return None
+
+
+def _prepare_run_folder(run: Path, features: list[str], resume: bool, overwrite: bool, is_writer: bool) -> Path:
+    """The run folder, checked: new, empty, or a run of ours (continued only with --resume,
+    replaced whole only with --overwrite); anything else is refused before any work."""
+    run = check_output_folder(run, CONFIG_FILE, "training run", protected=tuple(Path(f) for f in features))
+    holds_run = (run / CONFIG_FILE).exists()
+    if holds_run and not resume and not overwrite:
+        raise UserError(f"{run}: already holds a training run; pass --resume to continue it "
+                        "or --overwrite to replace it")
+    if holds_run and overwrite and not resume and is_writer:
+        shutil.rmtree(run)
+    return run
 
 
 class MetricsLog:
@@ -103,7 +142,8 @@ class MetricsLog:
             self.writer.close()
 
 
-def train(config: TrainConfig, resume: bool = False, show_progress: bool = True) -> RunResult:
+def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
+          overwrite: bool = False) -> RunResult:
     from tqdm import tqdm
 
     from shared.device import resolve_device
@@ -113,12 +153,13 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
 
     config.validate()
     started = time.perf_counter()
-    run = Path(config.run)
-    run.mkdir(parents=True, exist_ok=True)
     ranks = Ranks.from_environment(config.device)
+    run = _prepare_run_folder(Path(config.run), config.features, resume, overwrite, ranks.is_writer)
+    ranks.barrier()
+    run.mkdir(parents=True, exist_ok=True)
     device = ranks.device if ranks.device is not None else resolve_device(config.device)
     if config.batch_size % ranks.world_size:
-        raise ValueError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
+        raise UserError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
@@ -152,15 +193,14 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     noise = torch.Generator().manual_seed(config.seed)
 
     step, best_val = 0, None
-    latest = _latest_checkpoint(run) if resume else None
+    latest = _newest_readable_checkpoint(run) if resume else None
     if resume and latest is None:
-        log.warning("--resume: no checkpoint in %s yet; starting from step 0", run)
+        log.warning("--resume: no usable checkpoint in %s yet; starting from step 0", run)
     if latest is not None:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(latest / "adapter" / "adapter_model.safetensors")))
-        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+        latest, adapter_state, state = latest
+        set_peft_model_state_dict(model, adapter_state)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         noise.set_state(state["noise_rng"])
@@ -168,12 +208,10 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
         step, best_val = int(state["step"]), state["best_val_loss"]
         best_val = None if best_val is None or math.isnan(best_val) else float(best_val)
         log.info("resumed from %s at step %d", latest, step)
-    elif not resume and (run / "metrics.jsonl").exists() and ranks.is_writer:
-        (run / "metrics.jsonl").unlink()
-    ranks.barrier()
+    first_step = step
     writer = ranks.is_writer
     if writer:
-        config.save(run / "config.json")
+        config.save(run / CONFIG_FILE)
     metrics = MetricsLog(run, step) if writer else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
@@ -273,4 +311,5 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True)
     if writer:
         save_adapter(model, run / "adapter", info)
         metrics.close()
-    return RunResult(run, step, trainable, total, last_loss, best_val, time.perf_counter() - started, writer)
+    return RunResult(run, step, step - first_step, trainable, total, last_loss, best_val,
+                     time.perf_counter() - started, writer)

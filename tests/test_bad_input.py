@@ -1,0 +1,280 @@
+"""What an adversarial pass found: nothing of the user's is lost, odd media decodes, one-line errors.
+
+Media are made here with PyAV, small and fast; every command runs on real files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmaudio_lora.cli import app
+from precompute.run import FeatureJob, run_features
+from precompute.synthetic import ClipSpec, write_clip
+from shared.clips import ClipListError, read_clip_list
+from shared.errors import UserError
+from shared.outputs import OutputError
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write_media(path: Path, seconds: float = 3.0, *, audio_start: float = 0.0, layout: str = "stereo",
+                codec: str = "aac", tone_at: float | None = None, rate: int = 48000) -> Path:
+    """A small mp4 (or mkv for PCM): grey frames at 25 fps, and noise with a 1 kHz tone of 0.2 s at
+    `tone_at` seconds of the picture's timeline; the sound starts `audio_start` s after the picture."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        audio = container.add_stream(codec, rate=rate, layout=layout)
+        channels = audio.layout.nb_channels
+        for index in range(int(seconds * 25)):
+            image = np.full((48, 64, 3), 40 + index % 50, dtype=np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        count = int((seconds - audio_start) * rate)
+        time = audio_start + np.arange(count) / rate
+        wave = 0.01 * np.random.default_rng(0).standard_normal(count)
+        if tone_at is not None:
+            wave += 0.8 * np.sin(2 * math.pi * 1000 * time) * ((time >= tone_at) & (time < tone_at + 0.2))
+        interleaved = np.repeat(wave.astype(np.float32)[:, None], channels, axis=1)  # (samples, channels)
+        offset = int(round(audio_start * rate))
+        block = audio.codec_context.frame_size or 1024
+        for start in range(0, count, block):
+            # packed: PyAV's planar path mishandles 8 channels
+            chunk = np.ascontiguousarray(interleaved[start:start + block]).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout=layout)
+            frame.sample_rate, frame.pts = rate, offset + start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return path
+
+
+def tiny_job(tsv: Path, videos: Path, out: Path, **options) -> FeatureJob:
+    return FeatureJob(tsv=tsv, video_root=videos, out=out, profile="tiny", mode="16k", workers=0, **options)
+
+
+def segment_tsv(path: Path, rows: list[tuple[str, float, float, str]]) -> Path:
+    lines = ["video_path\tstart_time\tend_time\tcaption"] + [f"{v}\t{s}\t{e}\t{c}" for v, s, e, c in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-input")
+    videos = root / "videos"
+    write_clip(videos / "a.mp4", ClipSpec(2.0, width=48, height=32, seed=1))
+    write_clip(videos / "b.mp4", ClipSpec(2.5, width=48, height=32, seed=2))
+    tsv = segment_tsv(root / "clips.tsv", [("a.mp4", 0, 2.0, "one"), ("b.mp4", 0, 2.5, "two")])
+    return root, videos, tsv
+
+
+# -- data loss ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["foreign folder", "video root", "file", "parent of the videos"])
+def test_features_refuses_outputs_it_did_not_write(case, small_set, tmp_path):
+    root, videos, tsv = small_set
+    if case == "foreign folder":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    elif case == "video root":
+        out = videos
+    elif case == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("keep me")
+    else:
+        out = root
+    before = sorted(p.relative_to(root.parent) for p in root.parent.rglob("*")) + sorted(tmp_path.rglob("*"))
+    with pytest.raises(OutputError):
+        run_features(tiny_job(tsv, videos, out))
+    after = sorted(p.relative_to(root.parent) for p in root.parent.rglob("*")) + sorted(tmp_path.rglob("*"))
+    assert before == after  # nothing moved, deleted or left behind
+
+
+def test_features_refuses_the_current_folder_in_one_line(small_set, tmp_path):
+    root, videos, tsv = small_set
+    result = subprocess.run([sys.executable, "-m", "mmaudio_lora", "features", "--tsv", str(tsv), "--video-root",
+                             str(videos), "--out", ".", "--profile", "tiny", "--mode", "16k", "--workers", "0"],
+                            capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO),
+                                                                                "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "current folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_second_features_run_on_the_same_folder_is_refused_while_one_holds_it(small_set, tmp_path):
+    from precompute.store import output_lock
+
+    root, videos, tsv = small_set
+    out = tmp_path / "features"
+    with output_lock(out.resolve()):
+        with pytest.raises(UserError, match=r"another `features` run \(pid \d+\)"):
+            run_features(tiny_job(tsv, videos, out))
+    assert not out.exists()
+
+
+def test_ids_that_are_not_plain_file_names_are_refused(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("video_path\tstart_time\tend_time\tcaption\tid\nx.mp4\t0\t1\tok\t../../x\n"
+                   "y.mp4\t0\t1\tok\t/abs/y\nz.mp4\t0\t1\tok\tfine\n")
+    with pytest.raises(ClipListError, match=r"rows 2, 3: id is not a plain file name"):
+        read_clip_list(tsv, videos)
+    mmaudio_list = tmp_path / "mmaudio.tsv"
+    mmaudio_list.write_text("id\tlabel\n..\tup\n")
+    with pytest.raises(ClipListError, match="row"):
+        read_clip_list(mmaudio_list, videos)
+
+
+def test_feature_folder_ids_are_checked_before_they_become_file_names(features, tmp_path):
+    import shutil
+
+    from shared.features import FeatureFormatError, feature_ids
+
+    copy = tmp_path / "features"
+    shutil.copytree(features, copy)
+    rows = (copy / "clips.tsv").read_text().splitlines()
+    rows[1] = "../../escape\t" + rows[1].split("\t", 1)[1]
+    (copy / "clips.tsv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(FeatureFormatError, match=r"row 2: id '../../escape' is not a plain file name"):
+        feature_ids(copy)
+
+
+def test_generate_and_export_refuse_paths_they_did_not_write(tmp_path):
+    from generate.export import check_export_target
+    from shared.outputs import claim_generated_folder
+
+    foreign = tmp_path / "videos"
+    foreign.mkdir()
+    (foreign / "clip.mp4").write_bytes(b"not ours")
+    with pytest.raises(OutputError, match="did not write"):
+        claim_generated_folder(foreign)
+    with pytest.raises(OutputError, match="not a folder"):
+        claim_generated_folder(foreign / "clip.mp4")
+    ours = claim_generated_folder(tmp_path / "generated")
+    (ours / "x.wav").write_bytes(b"")
+    assert claim_generated_folder(ours) == ours  # a folder we wrote is used again
+    (tmp_path / "model.pth").write_bytes(b"user's")
+    with pytest.raises(OutputError, match="did not export"):
+        check_export_target(tmp_path / "model.pth")
+    with pytest.raises(OutputError, match="not a file"):
+        check_export_target(foreign)
+    assert (tmp_path / "model.pth").read_bytes() == b"user's"
+
+
+# -- odd media ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", ["aac", "pcm_s16le"])
+def test_eight_channel_audio_decodes_in_a_child_process(codec, tmp_path):
+    """7.1 audio once crashed PyAV's planar conversion (a segmentation fault): run it where a
+    crash cannot take the test run down, and check the downmix is the channels' mean."""
+    path = write_media(tmp_path / ("surround.mp4" if codec == "aac" else "surround.mkv"), 2.0, layout="7.1",
+                       codec=codec, tone_at=0.5)
+    script = ("import sys, torch; from shared.media import load_segment; s = load_segment(sys.argv[1], 0, 2.0); "
+              "print(s.audio.shape[0], float(s.audio.abs().max()), s.duration_sec)")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples, peak, duration = result.stdout.split()
+    assert int(samples) == 128000 and 0.8 < float(peak) <= 1.0 and float(duration) == 2.0
+
+
+def test_audio_that_starts_after_the_picture_keeps_its_place(tmp_path):
+    from shared.media import load_segment
+
+    path = write_media(tmp_path / "late.mp4", 4.0, audio_start=0.94, tone_at=2.0)
+    segment = load_segment(path, 0.0, 4.0)
+    envelope = segment.audio.abs().unfold(0, 160, 160).max(dim=1).values  # 10 ms blocks at 16 kHz
+    onset = int(torch.nonzero(envelope > 0.3)[0]) / 100
+    assert abs(onset - 2.0) < 0.03, onset
+    assert segment.audio[:int(0.9 * 16000)].abs().max() < 1e-3  # silence before the sound starts
+
+
+# -- lists ----------------------------------------------------------------------------------------
+
+def test_quoted_tabs_ragged_rows_and_encoding(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    quoted = tmp_path / "quoted.tsv"
+    quoted.write_text('video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\t"rain\tand ""thunder"""\n')
+    assert read_clip_list(quoted, videos)[0].caption == 'rain\tand "thunder"'
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text("video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tok\textra\n"
+                      "x.mp4\t2\t3\n")
+    with pytest.raises(ClipListError, match=r"rows 3, 4: not 4 tab-separated fields"):
+        read_clip_list(ragged, videos)
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tcafé\n"
+                      .encode("latin-1"))
+    with pytest.raises(ClipListError, match=r"latin.tsv: line 3 is not UTF-8 \(byte 0xe9\)"):
+        read_clip_list(latin, videos)
+
+
+def test_symlinks_leading_outside_are_named_and_can_be_allowed(tmp_path):
+    videos, elsewhere = tmp_path / "videos", tmp_path / "elsewhere"
+    videos.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "real.mp4").write_bytes(b"")
+    (videos / "link.mp4").symlink_to(elsewhere / "real.mp4")
+    tsv = segment_tsv(tmp_path / "list.tsv", [("link.mp4", 0, 1, "linked"), ("../elsewhere/real.mp4", 0, 1, "up")])
+    with pytest.raises(ClipListError) as refused:
+        read_clip_list(tsv, videos)
+    message = str(refused.value)
+    assert "row 2: a symbolic link leads outside the video root" in message and "real.mp4" in message
+    assert "--allow-symlinks" in message and "row 3: path escapes the video root" in message
+    tsv = segment_tsv(tmp_path / "links.tsv", [("link.mp4", 0, 1, "linked")])
+    clip = read_clip_list(tsv, videos, allow_symlinks=True)[0]
+    assert clip.video == videos.resolve() / "link.mp4" and clip.id == "link"
+
+
+# -- arguments and messages -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("duration", ["0", "-2", "nan"])
+def test_generate_rejects_a_bad_duration_before_loading_anything(duration, tmp_path):
+    result = runner.invoke(app, ["generate", "--no-adapter", "--profile", "tiny", "--prompt", "rain",
+                                 "--duration", duration, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "--duration must be a positive number" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_called_that(tmp_path):
+    import os
+
+    from shared.checkpoint import CheckpointError, read_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo never",))
+
+    torch.save({"weight": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as refused:
+        read_checkpoint(tmp_path / "evil.pth")
+    message = str(refused.value)
+    assert "would run code" in message and "system" in message
+    assert "weights_only" not in message and "False" not in message
+
+
+def test_an_os_error_is_one_line_naming_the_path(small_set, tmp_path):
+    """A folder that cannot be made (its parent is a file): the OS's reason and the path, no traceback."""
+    root, videos, tsv = small_set
+    (tmp_path / "a-file").write_text("")
+    result = runner.invoke(app, ["features", "--tsv", str(tsv), "--video-root", str(videos), "--out",
+                                 str(tmp_path / "a-file" / "features"), "--profile", "tiny", "--mode", "16k",
+                                 "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert "a-file: File exists" in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
