@@ -241,36 +241,74 @@ def _unique(items: list[Item], key: str) -> list[Item]:
 
 
 def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, show_progress: bool) -> int:
-    """Decode in DataLoader workers, encode in batches, store each clip as soon as it is done."""
+    """Decode in DataLoader workers, encode in batches, store each clip as soon as it is done.
+
+    When a worker dies (a file that crashes the decoder), the clips it may have been decoding are
+    tried again one at a time in a worker of their own; the one that crashes again is skipped.
+    """
     if not todo:
         return 0
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
+
+    from precompute.decode import clips_in_flight
+
+    markers = cache.root / "decoding"
+    markers.mkdir(parents=True, exist_ok=True)
+    encoded = 0
+    with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
+        pending = todo
+        while pending:
+            try:
+                encoded += _decode_and_encode(job, pending, encoder, cache, markers, job.workers, progress)
+                break
+            except RuntimeError as error:
+                if job.workers == 0 or "DataLoader worker" not in str(error):
+                    raise
+                suspects = [pending[i] for i in clips_in_flight(markers)]
+                if not suspects:
+                    raise
+                log.warning("a decoding worker died (%s); trying %d clip(s) one by one",
+                            str(error).splitlines()[0], len(suspects))
+                for item in suspects:
+                    try:
+                        encoded += _decode_and_encode(job, [item], encoder, cache, markers, 1, progress)
+                    except RuntimeError as again:
+                        if "DataLoader worker" not in str(again):
+                            raise
+                        clips_in_flight(markers)
+                        cache.put_skip(item.media_key, "the decoder crashed on this file (its process died)")
+                        progress.update(1)
+                pending = [i for i in pending if not cache.has("media", i.media_key)
+                           and cache.skip_reason(i.media_key) is None]
+    return encoded
+
+
+def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, markers: Path, workers: int,
+                       progress) -> int:
+    from torch.utils.data import DataLoader
 
     from precompute.decode import SegmentDataset, collate_segments
 
-    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.mode)
-    loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=job.workers,
-                        collate_fn=collate_segments)
+    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.mode, markers)
+    loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=workers, collate_fn=collate_segments)
     encoded = 0
     batches = iter(loader)
-    with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
-        while True:
-            waited = time.perf_counter()
-            batch = next(batches, None)
-            encoder.seconds["decode (waited for)"] += time.perf_counter() - waited
-            if batch is None:
-                break
-            good = [(index, segment) for index, segment, _ in batch if segment is not None]
-            for index, _, reason in batch:
-                if reason is not None:
-                    cache.put_skip(todo[index].media_key, reason)
-            if good:
-                features = encoder.encode_media([segment for _, segment in good])
-                for row, (index, _) in enumerate(good):
-                    cache.put("media", todo[index].media_key, {k: v[row] for k, v in features.items()})
-                encoded += len(good)
-            progress.update(len(batch))
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)
+        encoder.seconds["decode (waited for)"] += time.perf_counter() - waited
+        if batch is None:
+            break
+        good = [(index, segment) for index, segment, _ in batch if segment is not None]
+        for index, _, reason in batch:
+            if reason is not None:
+                cache.put_skip(todo[index].media_key, reason)
+        if good:
+            features = encoder.encode_media([segment for _, segment in good])
+            for row, (index, _) in enumerate(good):
+                cache.put("media", todo[index].media_key, {k: v[row] for k, v in features.items()})
+            encoded += len(good)
+        progress.update(len(batch))
     return encoded
 
 

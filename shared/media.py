@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ CLIP_SIZE = 384
 SYNC_SIZE = 224
 PEAK = 0.95
 SILENCE = 1e-6
+OUTPUT_TIME_BASE = Fraction(1, 90000)  # the mp4 picture clock: MPEG's 90 kHz
 RESIZE_CHUNK = 16  # frames resized together: bounded memory whatever the source resolution
 
 
@@ -90,6 +92,14 @@ def _pad_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([frames, frames[-1:].expand(count - frames.shape[0], *frames.shape[1:])])
 
 
+def upright(frame) -> np.ndarray:
+    """The frame as rgb24 (H, W, 3), turned as its display matrix says (phone clips are stored
+    sideways with a rotation to apply); the encoders see what a player shows."""
+    quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as np.rot90 turns
+    image = frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
+
+
 def _read_frames(container, start_sec: float, length_sec: float, clip_count: int, sync_count: int,
                  timings: dict[str, float]):
     """Decode [start, start + length], pick frames for both rates, resize them in chunks."""
@@ -132,7 +142,7 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
             break
         used = [p.offer(frame_time, kept) for p in pickers.values()]
         if any(used):
-            pending.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            pending.append(torch.from_numpy(upright(frame)).permute(2, 0, 1))
             kept += 1
         last_time = frame_time
         if len(pending) >= RESIZE_CHUNK:
@@ -331,10 +341,11 @@ def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Te
                            start_sec: float = 0.0) -> Path:
     """An mp4 with the source's picture from `start_sec` for the audio's length, and `audio` (AAC).
 
-    The picture is re-encoded (H.264), so any segment start works, not only keyframes.
+    The picture is re-encoded (H.264), so any segment start works, not only keyframes. Each frame
+    keeps its source timestamp (variable frame rates stay in sync with the audio) and the source's
+    rotation is carried over as the output's display matrix.
     """
     import av
-    from fractions import Fraction
 
     path = Path(path)
     temporary = _atomic_target(path)
@@ -345,6 +356,7 @@ def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Te
             video_in = reader.streams.video[0]
             frame_rate = Fraction(video_in.average_rate or SYNC_FPS).limit_denominator(1001)
             video_out = writer.add_stream("libx264", rate=frame_rate)
+            video_out.codec_context.time_base = OUTPUT_TIME_BASE  # fine enough for any source timing
             # yuv420p needs even sizes
             video_out.width = video_in.codec_context.width // 2 * 2
             video_out.height = video_in.codec_context.height // 2 * 2
@@ -353,16 +365,21 @@ def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Te
             audio_out = writer.add_stream("aac", rate=rate, layout="mono")
             if start_sec > 0:
                 reader.seek(int(start_sec / video_in.time_base), stream=video_in, backward=True, any_frame=False)
-            written = 0
+            last_pts = None
             for frame in reader.decode(video_in):
                 if frame.time is None or frame.time < start_sec - 1e-6:
                     continue
-                if written >= math.ceil(duration * frame_rate):
+                if frame.time - start_sec >= duration - 1e-6:
                     break
+                if last_pts is None and frame.rotation:
+                    video_out.set_display_rotation(frame.rotation)
+                pts = round((frame.time - start_sec) / OUTPUT_TIME_BASE)
+                if last_pts is not None and pts <= last_pts:  # a repeated timestamp: keep the first frame
+                    continue
                 picture = frame.reformat(width=video_out.width, height=video_out.height, format="yuv420p")
-                picture.pts, picture.time_base = written, 1 / frame_rate
+                picture.pts, picture.time_base = pts, OUTPUT_TIME_BASE
                 writer.mux(video_out.encode(picture))
-                written += 1
+                last_pts = pts
             writer.mux(video_out.encode())
             _encode_audio(writer, audio_out, samples, rate)
     except av.error.FFmpegError as error:

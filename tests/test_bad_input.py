@@ -278,3 +278,95 @@ def test_an_os_error_is_one_line_naming_the_path(small_set, tmp_path):
     assert result.exit_code == 1, result.output
     assert "a-file: File exists" in result.output
     assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+
+
+def test_a_file_that_kills_its_decoding_worker_is_skipped_and_the_rest_written(small_set, tmp_path, monkeypatch):
+    """The decoder's crash is simulated (a segmentation fault on one file); everything else is real:
+    DataLoader workers, encoders, the memmap."""
+    import os
+    import signal
+
+    import precompute.decode
+
+    root, videos, tsv = small_set
+    write_clip(tmp_path / "videos" / "crash.mp4", ClipSpec(2.0, width=48, height=32, seed=3))
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / "videos" / name).symlink_to(videos / name)
+    listing = segment_tsv(tmp_path / "clips.tsv", [("a.mp4", 0, 2.0, "one"), ("crash.mp4", 0, 2.0, "boom"),
+                                                  ("b.mp4", 0, 2.5, "two")])
+    real_load = precompute.decode.load_segment
+
+    def crashing_load(path, *args, **kwargs):
+        if Path(path).name == "crash.mp4":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(precompute.decode, "load_segment", crashing_load)
+    summary = run_features(FeatureJob(tsv=listing, video_root=tmp_path / "videos", out=tmp_path / "features",
+                                      profile="tiny", mode="16k", workers=2, batch_size=1, allow_symlinks=True))
+    assert summary.clips == 3 and len(summary.skipped) == 1
+    assert "crash.mp4: the decoder crashed on this file" in summary.skipped[0]
+    assert (tmp_path / "features" / "clips.tsv").read_text().split()[2:] == ["a", "one", "b", "two"]
+
+
+def _picture(path: Path, frame_times: list[float], *, rotation: int = 0, size=(64, 32)) -> Path:
+    """A video whose frames have a white left half (as stored), at the given times (ms clock), with
+    a display rotation; a steady tone as sound."""
+    import av
+    from fractions import Fraction
+
+    width, height = size
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.time_base = Fraction(1, 1000)
+        video.options = {"preset": "ultrafast"}
+        if rotation:
+            video.set_display_rotation(rotation)
+        audio = container.add_stream("aac", rate=16000, layout="mono")
+        for time in frame_times:
+            image = np.zeros((height, width, 3), np.uint8)
+            image[:, : width // 2] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        seconds = frame_times[-1] + 0.1
+        wave = (0.5 * np.sin(2 * math.pi * 440 * np.arange(int(seconds * 16000)) / 16000)).astype(np.float32)
+        for start in range(0, wave.shape[0], 1024):
+            chunk = av.AudioFrame.from_ndarray(wave[None, start:start + 1024].copy(), format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 16000, start
+            container.mux(audio.encode(chunk))
+        container.mux(audio.encode())
+    return path
+
+
+def test_rotated_video_is_seen_upright_and_the_output_keeps_the_rotation(tmp_path):
+    """A phone clip stored sideways (display rotation 90° counter-clockwise): the white left half of
+    the stored picture is the bottom half of what a player shows, and of what the encoders get."""
+    import av
+
+    from shared.media import load_video, write_video_with_audio
+
+    path = _picture(tmp_path / "phone.mp4", [i / 25 for i in range(50)], rotation=90)
+    frames = load_video(path, 0.0, 2.0)
+    for picture in (frames.clip_frames[0], frames.sync_frames[0]):
+        top, bottom = picture[:, : picture.shape[1] // 3].mean(), picture[:, -picture.shape[1] // 3:].mean()
+        assert bottom > top + 0.5, (float(top), float(bottom))
+    out = write_video_with_audio(path, tmp_path / "out.mp4", torch.zeros(16000), 16000)
+    with av.open(str(out)) as container:
+        assert next(container.decode(video=0)).rotation == 90
+
+
+def test_variable_frame_rate_output_keeps_the_source_timestamps(tmp_path):
+    import av
+
+    from shared.media import write_video_with_audio
+
+    times = [0.0, 0.04, 0.08, 0.5, 0.52, 0.9, 1.3, 1.34, 1.7]  # bursts and gaps
+    path = _picture(tmp_path / "vfr.mp4", times)
+    out = write_video_with_audio(path, tmp_path / "out.mp4", torch.zeros(32000), 16000)
+    with av.open(str(out)) as container:
+        written = [frame.time for frame in container.decode(video=0)]
+    assert len(written) == len(times)
+    assert max(abs(a - b) for a, b in zip(written, times)) < 2e-3

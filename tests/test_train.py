@@ -169,3 +169,33 @@ def test_two_processes_equal_one_with_the_same_global_batch(features, tmp_path):
     for a, b in zip(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+
+
+def test_run_folder_rules_damaged_checkpoint_and_resume_summary(features, tmp_path, caplog):
+    """A finished run is continued only with --resume and replaced only with --overwrite; a damaged
+    newest checkpoint is named and the previous one used; the summary counts this invocation's steps."""
+    from typer.testing import CliRunner
+
+    from mmaudio_lora.cli import app
+
+    run = tmp_path / "run"
+    common = ["train", "--features", str(features), "--run", str(run), "--profile", "tiny", "--batch-size", "2"]
+    toml = tmp_path / "every2.toml"
+    toml.write_text("checkpoint_every = 2\nkeep_last = 3\nval_every = 2\nlog_every = 1\n")
+    assert CliRunner().invoke(app, common + ["--steps", "4", "--config", str(toml)]).exit_code == 0
+    refused = CliRunner().invoke(app, common + ["--steps", "4"])
+    assert refused.exit_code == 1 and "already holds a training run; pass --resume" in refused.output
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]  # nothing touched
+
+    (run / "checkpoints" / "step-000004" / "trainer_state.pt").write_bytes(b"\x80 truncated")
+    with caplog.at_level("WARNING"):
+        resumed = CliRunner().invoke(app, common + ["--steps", "6", "--config", str(toml), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert any("step-000004/trainer_state.pt is unreadable" in r.getMessage() for r in caplog.records)
+    assert "trained 4 steps (now at step 6)" in resumed.output  # from step 2, the newest good checkpoint
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+    replaced = CliRunner().invoke(app, common + ["--steps", "2", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [m["step"] for m in _metrics(run)] == [2]  # log_every 10: the last step only
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]

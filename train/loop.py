@@ -79,14 +79,25 @@ def _complete_checkpoints(run: Path) -> list[Path]:
     return [c for c in checkpoints if (c / STATE_FILE).is_file() and (c / "adapter").is_dir()]
 
 
+class DamagedCheckpoint(Exception):
+    """One file of a checkpoint cannot be read; the message names it."""
+
+
 def _read_checkpoint(folder: Path) -> tuple[dict, dict]:
-    """(adapter tensors, trainer state) of one checkpoint; raises if either file is unreadable."""
+    """(adapter tensors, trainer state) of one checkpoint."""
     from safetensors.torch import load_file
 
-    adapter = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    adapter_file, state_file = folder / "adapter" / "adapter_model.safetensors", folder / STATE_FILE
+    try:
+        adapter = load_file(str(adapter_file))
+    except Exception as error:  # missing, truncated, not safetensors
+        raise DamagedCheckpoint(f"{adapter_file} is unreadable ({type(error).__name__})") from None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad pickle, foreign objects
+        raise DamagedCheckpoint(f"{state_file} is unreadable ({type(error).__name__})") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise ValueError("not a trainer state")
+        raise DamagedCheckpoint(f"{state_file} is not a trainer state")
     return adapter, state
 
 
@@ -95,9 +106,8 @@ def _newest_readable_checkpoint(run: Path) -> tuple[Path, dict, dict] | None:
     for folder in _complete_checkpoints(run):
         try:
             return (folder, *_read_checkpoint(folder))
-        except Exception as error:  # any damage: truncated zip, bad header, foreign pickle
-            log.warning("%s is unreadable (%s); trying the previous checkpoint",
-                        folder, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+        except DamagedCheckpoint as damage:
+            log.warning("%s; resuming from the checkpoint before it", damage)
     return None
 
 
