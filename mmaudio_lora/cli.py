@@ -127,7 +127,8 @@ def features(
                                     "instead of keeping only the first."),
     device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
     batch_size: int = typer.Option(8, min=1, help="Clips encoded together."),
-    workers: int = typer.Option(2, min=0, help="Decoding processes (DataLoader workers)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Decoding processes (DataLoader workers) "
+                                          "[default: one per CPU core but one, at most 12; 0: in this process]."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     allow_symlinks: bool = typer.Option(False, help="Accept symbolic links in the video root that lead "
                                         "outside it (data sets built from links)."),
@@ -151,6 +152,9 @@ def features(
         typer.echo(f"{out}: {summary.clips - len(summary.skipped)} clips written ({summary.encoded_media} encoded, "
                    f"{summary.encoded_text} captions encoded, {summary.padded} padded, {len(summary.skipped)} skipped) "
                    f"in {summary.seconds:.1f} s ({summary.clips_per_second:.2f} clips/s)")
+        timings = summary.timings
+        typer.echo(f"time: encoding {summary.encoding_seconds:.1f} s, waiting for decoding {timings.get('decode (waited for)', 0.0):.1f} s, "
+                   f"loading models {timings.get('load models', 0.0):.1f} s, writing {timings.get('write', 0.0):.1f} s")
     if summary.skipped:
         typer.echo(f"skip report: {out / 'skipped.txt'}")
 

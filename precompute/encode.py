@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -103,18 +102,3 @@ class FeatureEncoder:
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         with self._timed("clip text"), self._autocast():
             return self._model("clip").encode_text(captions).float().cpu()
-
-
-def weight_identity(profile: str, mode: str, weights_dir: str | os.PathLike | None) -> dict[str, str]:
-    """What each encoder's weights are, cheaply (name, size, mtime): a change recomputes its features."""
-    if profile == "tiny":
-        return {name: "tiny-deterministic" for name in ("clip", "synchformer", "vae")}
-    from shared.weights import CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, require
-
-    identity = {}
-    for name, weight_file in (("clip", CLIP_WEIGHTS), ("synchformer", SYNCHFORMER_WEIGHTS),
-                              ("vae", VAE_WEIGHTS[mode])):
-        path = require(weight_file, weights_dir)
-        stat = path.stat()
-        identity[name] = f"{weight_file.filename}:{stat.st_size}:{stat.st_mtime_ns}"
-    return identity

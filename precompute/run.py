@@ -20,7 +20,6 @@ from shared.clips import Clip, read_clip_list, split_into_windows
 from shared.errors import UserError
 from precompute.store import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     MEDIA_KEYS,
     TEXT_KEY,
     WorkCache,
@@ -30,6 +29,7 @@ from precompute.store import (
     recover,
     write_output,
 )
+from shared.feature_files import MANIFEST_NAME
 from shared.outputs import check_output_folder
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class FeatureJob:
     split_long: bool = False
     device: str = "auto"
     batch_size: int = 8
-    workers: int = 2
+    workers: int | None = None  # decoding processes; None: one per core but one, at most 12
     weights_dir: Path | None = None
     allow_symlinks: bool = False
 
@@ -74,8 +74,20 @@ class Summary:
     writer: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
     @property
+    def encoding_seconds(self) -> float:
+        return sum(self.timings.get(stage, 0.0) for stage in ENCODER_STAGES)
+
+    @property
     def clips_per_second(self) -> float:
         return self.encoded_media / self.seconds if self.seconds else 0.0
+
+
+ENCODER_STAGES = ("clip frames", "synchformer", "vae", "clip text")
+
+
+def default_workers() -> int:
+    """Decoding keeps every core but one busy (the main process feeds the encoders)."""
+    return max(1, min(12, (os.cpu_count() or 2) - 1))
 
 
 class StrictModeError(UserError, RuntimeError):
@@ -127,9 +139,22 @@ def run_features(job: FeatureJob, show_progress: bool = True) -> Summary:
         return _run_locked(replace(job, out=out), show_progress)
 
 
-def _run_locked(job: FeatureJob, show_progress: bool) -> Summary:
-    from precompute.encode import weight_identity
+def weight_identity(profile: str, mode: str, weights_dir: str | os.PathLike | None) -> dict[str, str]:
+    """What each encoder's weights are, cheaply (name, size, mtime): a change recomputes its features."""
+    if profile == "tiny":
+        return {name: "tiny-deterministic" for name in ("clip", "synchformer", "vae")}
+    from shared.weights import CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, require
 
+    identity = {}
+    for name, weight_file in (("clip", CLIP_WEIGHTS), ("synchformer", SYNCHFORMER_WEIGHTS),
+                              ("vae", VAE_WEIGHTS[mode])):
+        path = require(weight_file, weights_dir)
+        stat = path.stat()
+        identity[name] = f"{weight_file.filename}:{stat.st_size}:{stat.st_mtime_ns}"
+    return identity
+
+
+def _run_locked(job: FeatureJob, show_progress: bool) -> Summary:
     started = time.perf_counter()
     out = job.out
     recover(out)
@@ -254,15 +279,16 @@ def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, 
 
     markers = cache.root / "decoding"
     markers.mkdir(parents=True, exist_ok=True)
+    workers = default_workers() if job.workers is None else job.workers
     encoded = 0
     with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
         pending = todo
         while pending:
             try:
-                encoded += _decode_and_encode(job, pending, encoder, cache, markers, job.workers, progress)
+                encoded += _decode_and_encode(job, pending, encoder, cache, markers, workers, progress)
                 break
             except RuntimeError as error:
-                if job.workers == 0 or "DataLoader worker" not in str(error):
+                if workers == 0 or "DataLoader worker" not in str(error):
                     raise
                 suspects = [pending[i] for i in clips_in_flight(markers)]
                 if not suspects:

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from shared.errors import UserError
-from shared.features import MEMMAP_DIR, TSV_NAME
+from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
 
-MANIFEST_NAME = "manifest.json"
-SKIPPED_NAME = "skipped.txt"
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
 FORMAT_VERSION = 1

@@ -10,10 +10,9 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.errors import UserError, is_plain_file_name
+from shared.feature_files import MEMMAP_DIR, TSV_NAME
 
 
-MEMMAP_DIR = "memmap"
-TSV_NAME = "clips.tsv"
 
 
 class FeatureFormatError(UserError):

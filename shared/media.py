@@ -67,23 +67,23 @@ class _FramePicker:
 
 
 def _resize_clip(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → float (N, 3, 384, 384) in [0, 1]; aspect ratio not kept."""
-    resized = F.interpolate(frames.float(), size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic", antialias=True)
-    return resized.round().clamp(0, 255) / 255.0  # the reference resizes uint8 images
+    """uint8 (N, 3, H, W) → float (N, 3, 384, 384) in [0, 1]; aspect ratio not kept.
+
+    On uint8, with torchvision's bicubic antialiased resize: exactly what the reference runs, and
+    5x faster than resizing in float (measured in bench/precompute.py)."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
+
+    resized = TF.resize(frames, [CLIP_SIZE, CLIP_SIZE], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return resized.float().div_(255.0)
 
 
 def _resize_sync(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → short side 224, center crop 224 → float in [-1, 1]."""
-    height, width = frames.shape[-2:]
-    if height <= width:
-        size = (SYNC_SIZE, int(SYNC_SIZE * width / height))
-    else:
-        size = (int(SYNC_SIZE * height / width), SYNC_SIZE)
-    resized = F.interpolate(frames.float(), size=size, mode="bicubic", antialias=True).round().clamp(0, 255)
-    top = int(round((size[0] - SYNC_SIZE) / 2.0))
-    left = int(round((size[1] - SYNC_SIZE) / 2.0))
-    cropped = resized[..., top:top + SYNC_SIZE, left:left + SYNC_SIZE] / 255.0
-    return (cropped - 0.5) / 0.5
+    """uint8 (N, 3, H, W) → short side 224 (uint8, bicubic, antialiased), center crop 224 → float in [-1, 1]."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
+
+    resized = TF.resize(frames, SYNC_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    cropped = TF.center_crop(resized, [SYNC_SIZE, SYNC_SIZE]).float().div_(255.0)
+    return cropped.sub_(0.5).div_(0.5)
 
 
 def _pad_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
     if start_sec > 0:
         container.seek(int(start_sec / stream.time_base), stream=stream, backward=True, any_frame=False)
     pickers = {"clip": _FramePicker(CLIP_FPS, clip_count), "sync": _FramePicker(SYNC_FPS, sync_count)}
-    pending: list[torch.Tensor] = []  # source frames some picker still refers to, not yet resized
+    pending: list[np.ndarray] = []  # (H, W, 3) source frames some picker still refers to, not yet resized
     resized = {"clip": [], "sync": []}
     first_pending = 0  # index of pending[0] among kept frames
     kept = 0
@@ -119,13 +119,14 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
         if not pending:
             return
         resize_started = time.perf_counter()
-        batch = torch.stack(pending)
         for name, resize in (("clip", _resize_clip), ("sync", _resize_sync)):
             wanted = [i - first_pending for i in pickers[name].picked[len(resized[name]):]]
             # only frames a picker emitted get resized, once each, in emission order
             unique = sorted(set(wanted))
             if unique:
-                out = resize(batch[unique])
+                # (N, 3, H, W) as a channels-last view of the stacked frames: no transposing copy,
+                # and the layout torch's uint8 resize kernel is fastest on
+                out = resize(torch.from_numpy(np.stack([pending[i] for i in unique])).permute(0, 3, 1, 2))
                 position = {source: row for row, source in enumerate(unique)}
                 resized[name].extend(out[position[i]] for i in wanted)
         timings["resize"] = timings.get("resize", 0.0) + time.perf_counter() - resize_started
@@ -142,7 +143,7 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
             break
         used = [p.offer(frame_time, kept) for p in pickers.values()]
         if any(used):
-            pending.append(torch.from_numpy(upright(frame)).permute(2, 0, 1))
+            pending.append(upright(frame))
             kept += 1
         last_time = frame_time
         if len(pending) >= RESIZE_CHUNK:

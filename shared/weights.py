@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.network import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,15 @@ COMMANDS = ("features", "train", "generate")
 
 
 def mode_of(variant: str) -> str:
+    from shared.network import VARIANTS  # torch: only when a variant is named
+
     return VARIANTS[variant].mode
 
 
 def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple[str, ...]]]:
     """Every file the real profile of a variant uses, with the commands that need it."""
+    from shared.network import VARIANTS
+
     if variant not in VARIANTS:
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
     mode = mode_of(variant)

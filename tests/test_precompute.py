@@ -324,13 +324,34 @@ def test_segment_preprocessing_matches_the_reference_reader(clip_id, reference_d
             candidates = [reference[j] for j in (i - 1, i, i + 1) if 0 <= j < reference.shape[0]]
             assert min((ours[i] - c).abs().max() / scale for c in candidates) <= tolerance, i
 
-    near(segment.clip_frames.mean(dim=(2, 3)), golden["clip_mean"], 2e-2)
-    near(segment.clip_frames.std(dim=(2, 3)), golden["clip_std"], 2e-2)
-    near(segment.sync_frames.mean(dim=(2, 3)), golden["sync_mean"], 4e-2)
-    near(segment.sync_frames.std(dim=(2, 3)), golden["sync_std"], 4e-2)
+    # Frames are resized on uint8 exactly as the reference does: measured differences are float
+    # rounding (< 6e-7). The bounds allow one grey level (1/255 in [0, 1], 2/255 in [-1, 1]) for a
+    # decoder's colour conversion on another CPU, five times tighter than the README's 2e-2.
+    near(segment.clip_frames.mean(dim=(2, 3)), golden["clip_mean"], 4e-3)
+    near(segment.clip_frames.std(dim=(2, 3)), golden["clip_std"], 4e-3)
+    near(segment.sync_frames.mean(dim=(2, 3)), golden["sync_mean"], 8e-3)
+    near(segment.sync_frames.std(dim=(2, 3)), golden["sync_std"], 8e-3)
     for index in (0, 31, 63):
-        assert relative_error(F.avg_pool2d(segment.clip_frames[index], 4), golden[f"clip_frame_{index}_pool4"]) <= 2e-2
+        assert relative_error(F.avg_pool2d(segment.clip_frames[index], 4), golden[f"clip_frame_{index}_pool4"]) <= 4e-3
     for index in (0, 100, 199):
-        assert relative_error(F.avg_pool2d(segment.sync_frames[index], 4), golden[f"sync_frame_{index}_pool4"]) <= 4e-2
+        assert relative_error(F.avg_pool2d(segment.sync_frames[index], 4), golden[f"sync_frame_{index}_pool4"]) <= 8e-3
     assert relative_error(segment.audio, golden["audio_16k"]) <= 1e-3
     assert relative_error(build_mel_converter("16k")(segment.audio[None])[0], golden["mel_16k"]) <= 1e-3
+
+
+def test_up_to_date_check_imports_no_torch(features):
+    """The no-op run reads the list, stats the files and reads the manifest: no torch, no model."""
+    root = features.parent
+    code = f"""
+import sys
+from typer.testing import CliRunner
+from mmaudio_lora.cli import app
+result = CliRunner().invoke(app, ["features", "--tsv", {str(root / 'clips.tsv')!r}, "--video-root",
+                                  {str(root / 'videos')!r}, "--out", {str(features)!r}, "--profile", "tiny",
+                                  "--mode", "16k"])
+print(result.output)
+print("TORCH", "torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "up to date (6 clips, 0 skipped)" in result.stdout and "TORCH False" in result.stdout
