@@ -90,7 +90,7 @@ def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = No
              device: str = "auto", profile: str | None = None, checkpoint: str | None = None,
              weights_dir: str | os.PathLike | None = None, out: Path | None = None) -> Evaluation:
     """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)."""
-    from shared.device import resolve_device
+    from shared.device import mixed_precision, resolve_device
     from shared.profiles import FeatureDims
 
     started = time.perf_counter()
@@ -106,12 +106,11 @@ def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = No
                                   FeatureDims(config.clip_dim, config.sync_dim, config.text_dim))
     decoder = AudioDecoder(config.mode, source.profile, source.weights_dir, compute)
     result = Evaluation(variant, where, list(clips.ids), asdict(sampling))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute.type == "cuda")
     for name, network in zip(MODELS, (base, tuned)):
         network.to(compute)
         batches = ({k: v.to(compute) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
                    for i in range(0, len(clips), batch_size))
-        with autocast:
+        with mixed_precision(compute, sampling.precision):
             result.val_flow_loss[name] = validation_loss(network, batches, seq)
         distances = _mel_l1(network, clips, decoder, sampling, batch_size)
         result.mel_l1[name] = sum(distances.values()) / len(distances)

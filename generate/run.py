@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from generate.model import ModelSource, load_model
+from shared.device import mixed_precision
 from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
 from shared.outputs import claim_generated_folder
@@ -145,8 +146,8 @@ def collect_requests(job: GenerateJob) -> list[Request]:
 class VideoEncoders:
     """CLIP (frames and text) and Synchformer, each loaded on first use."""
 
-    def __init__(self, profile: str, weights_dir: str | None, device: torch.device):
-        self.profile, self.weights_dir, self.device = profile, weights_dir, device
+    def __init__(self, profile: str, weights_dir: str | None, device: torch.device, precision: str = "auto"):
+        self.profile, self.weights_dir, self.device, self.precision = profile, weights_dir, device, precision
         self.models: dict[str, torch.nn.Module] = {}
 
     def _get(self, name: str):
@@ -160,7 +161,7 @@ class VideoEncoders:
         return self.models[name]
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return mixed_precision(self.device, self.precision)
 
     @torch.no_grad()
     def video(self, clip_frames: torch.Tensor, sync_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +256,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
     mode = network.config.mode
     summary = Summary(out, variant)
     stored = _open_stored(job, network)
-    encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device)
+    encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device, job.sampling.precision)
     decoder = AudioDecoder(mode, job.source.profile, job.source.weights_dir, device)
 
     prepared: list[Prepared] = []

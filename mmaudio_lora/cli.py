@@ -41,6 +41,7 @@ LICENCE_NOTE = ("MMAudio's code is MIT, but its checkpoints are CC-BY-NC 4.0 (no
                 "trained on datasets with their own licences: check before any commercial use.")
 
 VARIANT_HELP = "Network variant: small_16k, small_44k, medium_44k, large_44k or large_44k_v2."
+PRECISION_HELP = "auto (bf16 autocast on CUDA, float32 on the CPU), bf16 or fp32."
 WEIGHTS_HELP = "Folder holding the official weight files by name [default: data/weights, or $MMAUDIO_LORA_WEIGHTS]."
 
 
@@ -132,13 +133,14 @@ def features(
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     allow_symlinks: bool = typer.Option(False, help="Accept symbolic links in the video root that lead "
                                         "outside it (data sets built from links)."),
+    precision: str = typer.Option("auto", help="CLIP and Synchformer: " + PRECISION_HELP),
 ) -> None:
     """Precompute training features (ExtractedVGG memmaps) for a list of clips; only what changed."""
     from precompute.run import FeatureJob, run_features
 
     job = FeatureJob(tsv=tsv, video_root=video_root, out=out, profile=profile, mode=mode, window_sec=window,
                      strict=strict, split_long=split_long, device=device, batch_size=batch_size, workers=workers,
-                     weights_dir=weights_dir, allow_symlinks=allow_symlinks)
+                     weights_dir=weights_dir, allow_symlinks=allow_symlinks, precision=precision)
     with user_errors():
         summary = run_features(job)
     if not summary.writer:
@@ -177,6 +179,7 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate [default 1e-4]."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of clips held out for validation [default 0.1]."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " [default auto]"),
     seed: Optional[int] = typer.Option(None, help="Random seed [default 42]."),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint up to --steps."),
     overwrite: bool = typer.Option(False, help="Replace the run in --run (deleted whole) instead of refusing."),
@@ -190,7 +193,7 @@ def train_command(
         overrides = {"features": [str(f) for f in features], "run": str(run), "profile": profile,
                      "checkpoint": str(checkpoint) if checkpoint else None, "variant": variant, "steps": steps,
                      "batch_size": batch_size, "rank": rank, "alpha": alpha, "lr": lr, "val_fraction": val_fraction,
-                     "device": device, "seed": seed}
+                     "device": device, "precision": precision, "seed": seed}
         for key, value in overrides.items():
             if value is not None:
                 setattr(settings, key, value)
@@ -259,6 +262,7 @@ def generate(
     variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " [default: the run's, else large_44k_v2]"),
     batch_size: int = typer.Option(4, min=1, help="Clips sampled together."),
     device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
+    precision: str = typer.Option("auto", help="The network and the video/text encoders: " + PRECISION_HELP),
     mp4: bool = typer.Option(True, help="Also write an mp4 with the source picture (video inputs)."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
@@ -274,7 +278,7 @@ def generate(
                                 str(weights_dir) if weights_dir else None)
         job = GenerateJob(out=out, source=source, videos=video, tsv=tsv, video_root=video_root, features=features,
                           ids=clip_id, prompt=prompt, negative_prompt=negative_prompt, duration=duration,
-                          sampling=SamplingSettings(steps, cfg, seed), lora_scale=lora_scale,
+                          sampling=SamplingSettings(steps, cfg, seed, precision), lora_scale=lora_scale,
                           batch_size=batch_size, device=device, write_video=mp4)
         summary = run_generation(job)
     for line in summary.skipped:
@@ -300,6 +304,7 @@ def evaluate(
     lora_scale: float = typer.Option(1.0, help="Adapter blend for the tuned model."),
     batch_size: int = typer.Option(4, min=1, help="Clips per batch."),
     device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
+    precision: str = typer.Option("auto", help="The network: " + PRECISION_HELP),
     profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's]."),
     checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
@@ -309,7 +314,7 @@ def evaluate(
     from shared.synthesis import SamplingSettings
 
     with user_errors():
-        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed), lora_scale, batch_size,
+        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed, precision), lora_scale, batch_size,
                                 device, profile, str(checkpoint) if checkpoint else None, weights_dir, out)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
                f"{steps} steps, cfg {cfg:g}, seed {seed}:")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.device import mixed_precision
 from shared.media import Segment
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ class EncoderSettings:
     mode: str = "16k"
     device: str = "cpu"
     weights_dir: str | None = None
+    precision: str = "auto"  # shared.device.mixed_precision
     frames_per_call: int = 64  # CLIP frames per forward pass
     windows_per_call: int = 24  # Synchformer windows per forward pass
 
@@ -58,10 +60,8 @@ class FeatureEncoder:
         return self._models[name]
 
     def _autocast(self):
-        # bf16 for the image/video transformers on CUDA; the VAE stays in float32 (latents are targets).
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        # the image/video transformers only; the VAE stays in float32 (latents are targets)
+        return mixed_precision(self.device, self.settings.precision)
 
     @contextlib.contextmanager
     def _timed(self, name: str):

@@ -29,6 +29,7 @@ from precompute.store import (
     recover,
     write_output,
 )
+from shared.device import check_precision
 from shared.feature_files import MANIFEST_NAME
 from shared.outputs import check_output_folder
 
@@ -50,6 +51,7 @@ class FeatureJob:
     workers: int | None = None  # decoding processes; None: one per core but one, at most 12
     weights_dir: Path | None = None
     allow_symlinks: bool = False
+    precision: str = "auto"  # shared.device.mixed_precision
 
 
 @dataclass
@@ -134,6 +136,7 @@ def _entries(items: list[Item]) -> list[list[str]]:
 
 def run_features(job: FeatureJob, show_progress: bool = True) -> Summary:
     """Bring `job.out` up to date with the list; refuses an output folder that is not ours."""
+    check_precision(job.precision)
     out = check_output_folder(job.out, MANIFEST_NAME, "features", protected=(Path(job.video_root), Path(job.tsv)))
     with output_lock(out):
         return _run_locked(replace(job, out=out), show_progress)
@@ -192,7 +195,7 @@ def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previou
                         "text_key")
     ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
     encoder = FeatureEncoder(EncoderSettings(job.profile, job.mode, str(device),
-                                             str(job.weights_dir) if job.weights_dir else None))
+                                             str(job.weights_dir) if job.weights_dir else None, job.precision))
     summary.encoded_media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
     summary.encoded_text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
     # These collectives also wait for every rank to finish encoding before rank 0 assembles.

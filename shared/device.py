@@ -1,4 +1,4 @@
-"""Choosing the compute device and telling the user what is usable."""
+"""Choosing the compute device and its precision, and telling the user what is usable."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +14,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but CUDA is not usable here (no GPU or no CUDA build)")
     return device
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def mixed_precision(device: torch.device, precision: str = "auto"):
+    """The one mixed-precision decision, for the transformers (network, CLIP, Synchformer): `auto`
+    is bf16 autocast on CUDA and float32 on the CPU, `bf16` autocast anywhere (the CPU too, which is
+    how the tests run the GPU's mixed-precision path), `fp32` never. The VAE, the mel converter and
+    the vocoder always run in float32, outside this context."""
+    check_precision(precision)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def cuda_status() -> str:

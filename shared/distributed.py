@@ -11,7 +11,8 @@ import torch
 class Ranks:
     rank: int = 0
     world_size: int = 1
-    device: torch.device | None = None  # set when each rank has its own GPU
+    device: torch.device | None = None  # the rank's device in a process group (its GPU under NCCL)
+    grouped: bool = False  # a process group is up: collectives run (also for a group of one)
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> "Ranks":
@@ -27,36 +28,32 @@ class Ranks:
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(local)
-        return cls(rank, dist.get_world_size(), local)
+        return cls(rank, dist.get_world_size(), local, grouped=True)
 
     def shard(self, items: list) -> list:
         return items[self.rank::self.world_size]
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self.grouped:
             import torch.distributed as dist
 
             dist.barrier()
 
-    def total(self, count: int) -> int:
-        """The sum of a count over all ranks."""
-        if self.world_size == 1:
-            return count
+    def _sum(self, value: float, dtype: torch.dtype) -> float:
+        """all_reduce of one number, on the rank's device: NCCL reduces only GPU tensors."""
         import torch.distributed as dist
 
-        value = torch.tensor([count])
-        dist.all_reduce(value)
-        return int(value.item())
+        tensor = torch.tensor([value], dtype=dtype, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item()
+
+    def total(self, count: int) -> int:
+        """The sum of a count over all ranks."""
+        return int(self._sum(count, torch.int64)) if self.grouped else count
 
     def mean(self, value: float) -> float:
         """The mean of a float over all ranks."""
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
+        return self._sum(value, torch.float64) / self.world_size if self.grouped else value
 
     @property
     def is_writer(self) -> bool:

@@ -75,6 +75,15 @@ def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return rotated.flatten(-2).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose weight follows the input's dtype. Under bf16 autocast the input is bf16 and
+    the weight float32, and torch then leaves its fused kernel for a slow path (a warning per
+    call); matching the dtypes keeps the fused kernel, which accumulates in float32 anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class SelfAttention(nn.Module):
     """The qkv projection and per-head RMS norms of one stream; attention itself is joint."""
 
@@ -83,8 +92,8 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = nn.RMSNorm(head_dim)
-        self.k_norm = nn.RMSNorm(head_dim)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
 
     def pre_attention(self, x: torch.Tensor, rot: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,12 +3,12 @@ and the vocoder. Generation, evaluation and the trainer's samples all go through
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 
+from shared.device import check_precision, mixed_precision
 from shared.errors import UserError
 from shared.flow import euler_sample
 from shared.network import MMAudio
@@ -20,8 +20,10 @@ class SamplingSettings:
     steps: int = 25  # Euler steps
     cfg_strength: float = 4.5  # classifier-free guidance; below 1 the unconditional pass is skipped
     seed: int = 42  # every clip starts from the noise of this seed, whatever its batch
+    precision: str = "auto"  # the network's autocast (shared.device.mixed_precision)
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, not {self.steps}")
         if self.cfg_strength < 0:
@@ -58,24 +60,18 @@ def duration_batches(durations: list[float], batch_size: int) -> list[list[int]]
     return [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def sample_latents(network: MMAudio, clip_features: torch.Tensor, sync_features: torch.Tensor,
                    text_features: torch.Tensor, settings: SamplingSettings,
                    negative_text_features: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, latent_seq_len, latent_dim), unnormalized, for a batch of conditions whose
-    lengths match the network's (see `use_duration`). bf16 autocast on CUDA."""
+    lengths match the network's (see `use_duration`), in the settings' precision."""
     device = next(network.parameters()).device
     batch = clip_features.shape[0]
     shape = (1, network.latent_seq_len, network.config.latent_dim)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
                        for _ in range(batch)]).to(device)
-    with _autocast(device):
+    with mixed_precision(device, settings.precision):
         conditions = network.preprocess_conditions(clip_features.to(device), sync_features.to(device),
                                                    text_features.to(device))
         empty = network.get_empty_conditions(

@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from shared.device import check_precision
 from shared.errors import UserError
 
 DEFAULT_TARGETS = r"(joint_blocks\.\d+\.(latent|clip|text)_block|fused_blocks\.\d+)\.(attn\.qkv|linear1|ffn\.w[123])"
@@ -49,6 +50,7 @@ class TrainConfig:
     null_condition_probability: float = 0.1
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on the CPU; or bf16, fp32
     # validation and checkpoints
     val_fraction: float = 0.1
     val_ids: list[str] = field(default_factory=list)
@@ -83,6 +85,7 @@ class TrainConfig:
             raise UserError("val_fraction must be in [0, 1)")
         if self.sample_every < 0 or self.sample_clips < 1 or self.sample_steps < 1:
             raise UserError("sample_every must be ≥ 0, sample_clips and sample_steps positive")
+        check_precision(self.precision)
         if min(self.steps, self.batch_size, self.grad_accumulation, self.rank) < 1:
             raise UserError("steps, batch_size, grad_accumulation and rank must be positive")
         return self

@@ -156,7 +156,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
           overwrite: bool = False) -> RunResult:
     from tqdm import tqdm
 
-    from shared.device import resolve_device
+    from shared.device import mixed_precision, resolve_device
     from shared.profiles import FeatureDims
 
     from shared.distributed import Ranks
@@ -223,8 +223,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     if writer:
         config.save(run / CONFIG_FILE)
     metrics = MetricsLog(run, step) if writer else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = mixed_precision(device, config.precision)
     per_epoch = max(1, len(train_set) // config.batch_size) if len(train_set) >= config.batch_size else 1
 
     def batch_at(position: int) -> dict:
@@ -255,7 +254,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
         sample_set = val_set if val_set is not None else train_set
         samples = SampleWriter(run, sample_set.subset(list(range(min(config.sample_clips, len(sample_set))))),
                                AudioDecoder(net.mode, config.profile, config.weights_dir, device),
-                               SamplingSettings(config.sample_steps, config.sample_cfg, config.seed))
+                               SamplingSettings(config.sample_steps, config.sample_cfg, config.seed, config.precision))
 
     def write_samples(current_step: int) -> None:
         model.eval()
