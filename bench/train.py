@@ -1,5 +1,6 @@
-"""Training cost: LoRA against full fine-tuning of the same network and batch, and the loader's
-speed against what a step consumes. One run, one machine; read the ratios.
+"""Training cost: LoRA against full fine-tuning of the same network and batch, the loader's speed
+against what a step consumes, length buckets against the fixed 8 s window on clips of 2-8 s, and
+peak memory with and without gradient checkpointing. One run, one machine; read the ratios.
 
     .venv/bin/python bench/train.py                         # tiny network, CPU
     .venv/bin/python bench/train.py --variant small_16k     # real size (filled weights), GPU if present
@@ -7,6 +8,7 @@ speed against what a step consumes. One run, one machine; read the ratios.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -17,29 +19,98 @@ import torch
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from shared.device import resolve_device
+from shared.device import mixed_precision, resolve_device
 from shared.network import build_network
 from shared.profiles import fill_deterministically, network_config
 from shared.sequence import SequenceConfig
 from train.config import DEFAULT_TARGETS
 from shared.features import FeatureSet
 from shared.lora import add_lora, count_parameters, lora_config
+from train.buckets import bucket_lengths, epoch_plan
+from train.loop import cut_to_length
 from train.objective import training_loss
+from shared.synthesis import use_duration
 
 
 def _config(variant: str):
     return network_config("small_16k", "tiny") if variant == "tiny" else network_config(variant, "real")
 
 
-def synthetic_features(count: int, net, seq: SequenceConfig) -> FeatureSet:
+def synthetic_features(count: int, net, seq: SequenceConfig, durations: torch.Tensor | None = None) -> FeatureSet:
     g = torch.Generator().manual_seed(0)
     tensors = {"a_mean": torch.randn(count, seq.latent_seq_len, net.latent_dim, generator=g),
                "a_std": torch.rand(count, seq.latent_seq_len, net.latent_dim, generator=g) * 0.1,
                "clip_features": torch.randn(count, seq.clip_seq_len, net.clip_dim, generator=g),
                "sync_features": torch.randn(count, seq.sync_seq_len, net.sync_dim, generator=g),
                "text_features": torch.randn(count, 77, net.text_dim, generator=g),
-               "duration_sec": torch.full((count,), 8.0)}
+               "duration_sec": torch.full((count,), 8.0) if durations is None else durations}
     return FeatureSet([str(i) for i in range(count)], tensors)
+
+
+def bucket_throughput(variant: str, batch_size: int, steps: int, device) -> dict[str, float]:
+    """LoRA samples/s on clips of 2-8 s (uniform): length buckets against the fixed window."""
+    net = _config(variant)
+    window = SequenceConfig(net.mode)
+    durations = torch.empty(64).uniform_(2.0, 8.0, generator=torch.Generator().manual_seed(1))
+    data = synthetic_features(64, net, window, durations)
+    network = fill_deterministically(build_network(None, **asdict(net))).to(device)
+    model = add_lora(network, lora_config(16, 16, 0.0, DEFAULT_TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rates = {}
+    for name, bucket_sec in (("fixed 8 s window", 0.0), ("1 s buckets", 1.0), ("0.5 s buckets", 0.5)):
+        plan = epoch_plan(bucket_lengths(durations.tolist(), bucket_sec, 8.0), batch_size, seed=0, epoch=0)
+        count = steps or len(plan)  # default: one whole epoch, so every bucket is represented
+        generator, elapsed = torch.Generator().manual_seed(0), 0.0
+        for position in range(count + 1):
+            batch = plan[(position - 1) % len(plan)]  # position 0 warms up on the epoch's last batch
+            seq = SequenceConfig(net.mode, batch.seconds)
+            start = time.perf_counter()
+            use_duration(network, seq)
+            tensors = {k: v.to(device) for k, v in cut_to_length(data.batch(batch.indices), seq).items()}
+            training_loss(network, tensors, seq, generator, forward=model).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if position:  # the first step warms up
+                elapsed += time.perf_counter() - start
+        rates[name] = count * batch_size / elapsed
+    use_duration(network, window)
+    return rates
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory_probe(variant: str, batch_size: int, checkpointing: bool) -> None:
+    """In a fresh process: one LoRA step; print the peak resident memory during the step and its
+    rise over the memory held before it (GiB). Linux: the peak is reset through clear_refs."""
+    net = _config(variant)
+    seq = SequenceConfig(net.mode)
+    data = synthetic_features(batch_size, net, seq)
+    network = fill_deterministically(build_network(None, **asdict(net)))
+    model = add_lora(network, lora_config(16, 16, 0.0, DEFAULT_TARGETS))
+    network.gradient_checkpointing = checkpointing
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    before = _status_kib("VmRSS")
+    training_loss(network, data.batch(list(range(batch_size))), seq, torch.Generator().manual_seed(0),
+                  forward=model).backward()
+    peak = _status_kib("VmHWM")
+    print(f"{peak / 2**20:.3f} {(peak - before) / 2**20:.3f}")
+
+
+def peak_memory(variant: str, batch_size: int, checkpointing: bool) -> tuple[float, float]:
+    """(peak RSS during a step, its rise over the memory held before the step) in GiB, each
+    configuration in its own process."""
+    result = subprocess.run([sys.executable, __file__, "--variant", variant, "--batch-size", str(batch_size),
+                             "--memory-probe", "checkpointing" if checkpointing else "plain"],
+                            capture_output=True, text=True, check=True)
+    peak, growth = map(float, result.stdout.split())
+    return peak, growth
 
 
 def measure(lora: bool, args, device, data: FeatureSet, seq) -> tuple[float, float, int]:
@@ -48,7 +119,7 @@ def measure(lora: bool, args, device, data: FeatureSet, seq) -> tuple[float, flo
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = mixed_precision(device, "auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -77,7 +148,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--buckets-variant", default="small_16k", help="network for the bucket comparison "
+                        "and the memory probe (real size, filled weights)")
+    parser.add_argument("--bucket-steps", type=int, default=0, help="steps per configuration [default: one epoch]")
+    parser.add_argument("--memory-probe", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        peak_memory_probe(args.variant, args.batch_size, args.memory_probe == "checkpointing")
+        return
     device = resolve_device(args.device)
     net = _config(args.variant)
     seq = SequenceConfig(net.mode)
@@ -99,6 +177,18 @@ def main() -> None:
     consumed = args.batch_size / lora_time
     print(f"loader {loader_rate:.0f} samples/s vs {consumed:.1f} samples/s consumed by a LoRA step "
           f"({loader_rate / consumed:.0f}x headroom)")
+
+    rates = bucket_throughput(args.buckets_variant, args.batch_size, args.bucket_steps, device)
+    fixed = rates.pop("fixed 8 s window")
+    print(f"{args.buckets_variant} LoRA on clips of 2-8 s, batch {args.batch_size}, one epoch each: fixed window "
+          f"{fixed:.2f} samples/s; " + ", ".join(f"{name} {rate:.2f} ({rate / fixed:.2f}x)"
+                                                 for name, rate in rates.items()))
+    if device.type == "cpu":
+        plain = peak_memory(args.buckets_variant, args.batch_size, False)
+        checkpointed = peak_memory(args.buckets_variant, args.batch_size, True)
+        print(f"{args.buckets_variant} LoRA step, batch {args.batch_size}, peak RSS: {plain[0]:.2f} GiB without "
+              f"gradient checkpointing, {checkpointed[0]:.2f} GiB with it (the step itself: {plain[1]:.2f} vs "
+              f"{checkpointed[1]:.2f} GiB, {checkpointed[1] / plain[1]:.2f}x)")
 
 
 if __name__ == "__main__":

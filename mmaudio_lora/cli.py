@@ -203,9 +203,12 @@ def train_command(
     resumed = f" (now at step {result.steps})" if result.steps != result.steps_this_run else ""
     typer.echo(f"trained {result.steps_this_run} steps{resumed} in {result.seconds:.0f} s; LoRA parameters "
                f"{result.trainable_parameters:,} of {result.total_parameters:,}")
-    best = f", best validation loss {result.best_val_loss:.4f} ({run / 'best' / 'adapter'})" \
-        if result.best_val_loss is not None else ""
+    best = (f", best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
+            f"({run / 'best' / 'adapter'})") if result.best_val_loss is not None else ""
     typer.echo(f"last training loss {result.last_train_loss:.4f}{best}")
+    if result.stopped_early:
+        typer.echo(f"stopped early: no better validation loss in {settings.early_stopping_patience} validations; "
+                   f"adapter/ holds the best one (step {result.best_step})")
     typer.echo(f"adapter: {run / 'adapter'}; metrics: {run / 'metrics.jsonl'}")
 
 

@@ -123,6 +123,7 @@ class MMAudio(nn.Module):
             self.t_embed = TimestepEmbedder(D, frequency_embedding_size=256, max_period=10000)
 
         joint_depth = config.depth - config.fused_depth
+        self.gradient_checkpointing = False  # see _run_block; the trainer turns it on
         self.joint_blocks = nn.ModuleList([
             JointBlock(D, config.num_heads, config.mlp_ratio, pre_only=(i == joint_depth - 1))
             for i in range(joint_depth)
@@ -220,12 +221,21 @@ class MMAudio(nn.Module):
 
         clip_f, text_f = conditions.clip_f, conditions.text_f
         for block in self.joint_blocks:
-            x, clip_f, text_f = block(x, clip_f, text_f, global_c, extended_c,
-                                      self.latent_rot, self.clip_rot)
+            x, clip_f, text_f = self._run_block(block, x, clip_f, text_f, global_c, extended_c,
+                                                self.latent_rot, self.clip_rot)
         for block in self.fused_blocks:
-            x = block(x, extended_c, self.latent_rot)
+            x = self._run_block(block, x, extended_c, self.latent_rot)
         # Conditioned on global_c, not extended_c: the official checkpoints were trained this way.
         return self.final_layer(x, global_c)
+
+    def _run_block(self, block: nn.Module, *inputs):
+        """A transformer block; with gradient checkpointing (training), its activations are not
+        kept but recomputed in the backward pass: memory for one block instead of all of them."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     def forward(self, latent: torch.Tensor, clip_f: torch.Tensor, sync_f: torch.Tensor,
                 text_f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def _quietly(function, *args):
         return function(*args)
 
 
-def _generator(hyperparameters: dict) -> nn.Module:
+def bigvgan_generator(hyperparameters: dict) -> nn.Module:
+    """The BigVGAN generator of these hyper-parameters, in weight-norm form (as its files store it)."""
     from bigvgan import BigVGAN
     from bigvgan.env import AttrDict
 
@@ -90,7 +91,7 @@ def build_vocoder(mode: str, state_dict: dict[str, torch.Tensor] | None = None, 
     """
     from shared.checkpoint import load_strict
 
-    generator = _generator(vocoder_hyperparameters(mode, profile, config_file))
+    generator = bigvgan_generator(vocoder_hyperparameters(mode, profile, config_file))
     if state_dict is not None:
         load_strict(generator, legacy_weight_norm_names(state_dict), source, f"the {mode} vocoder")
     _quietly(generator.remove_weight_norm)
@@ -105,7 +106,7 @@ def load_vocoder(mode: str, profile: str = "real", weights_dir: str | os.PathLik
     from shared.weights import VOCODER_WEIGHTS, require
 
     if profile == "tiny":
-        generator = _generator(vocoder_hyperparameters(mode, profile))
+        generator = bigvgan_generator(vocoder_hyperparameters(mode, profile))
         fill_deterministically(generator)
         _quietly(generator.remove_weight_norm)
         return generator.eval().to(device)

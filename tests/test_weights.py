@@ -134,7 +134,7 @@ def test_doctor_and_download_commands(server, tmp_path, monkeypatch):
 
 def test_44k_needs_the_vocoder_config_and_reads_it(tmp_path):
     """The 44k vocoder's architecture comes from its config.json beside the weights."""
-    from shared.vocoder import load_vocoder, vocoder_hyperparameters, _generator
+    from shared.vocoder import load_vocoder, vocoder_hyperparameters, bigvgan_generator
 
     names = [wf.filename for wf, _ in needed_files("large_44k_v2")]
     assert "config.json" in names and "bigvgan_generator.pt" in names and "v1-44.pth" in names
@@ -142,7 +142,7 @@ def test_44k_needs_the_vocoder_config_and_reads_it(tmp_path):
     folder.mkdir()
     config = vocoder_hyperparameters("44k", profile="tiny")
     (folder / "config.json").write_text(json.dumps(config))
-    generator = _generator(config)
+    generator = bigvgan_generator(config)
     torch.save({"generator": generator.state_dict()}, folder / "bigvgan_generator.pt")
     assert resolve(VOCODER_WEIGHTS["44k"], tmp_path) == folder / "bigvgan_generator.pt"
     vocoder = load_vocoder("44k", weights_dir=tmp_path)
