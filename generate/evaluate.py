@@ -1,4 +1,5 @@
-"""Did the fine-tune help? The base model against base + adapter on held-out clips.
+"""Did the fine-tune help? The base model against base + adapter on held-out clips, at one or
+several adapter strengths, optionally for every kept checkpoint too.
 
 Two numbers per model, each on the same clips, noise and times:
 - validation flow loss: the training objective with fixed noise and times (as during training);
@@ -6,11 +7,13 @@ Two numbers per model, each on the same clips, noise and times:
   the mean absolute difference between the generated and the real log-mel spectrogram over the
   clip's real frames. Both spectrograms come out of the same VAE decoder (the real one from the
   clip's stored latent), so the distance measures the generated audio, not the VAE.
+The report (generate/report.py) shows them with the audio, spectrograms and training curves.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -19,10 +22,13 @@ from pathlib import Path
 import torch
 
 from generate.model import load_model, resolve_source, run_settings
+from shared.device import mixed_precision
 from shared.errors import UserError
-from shared.features import FeatureSet, data_dim, split
+from shared.feature_files import MANIFEST_NAME
+from shared.features import FeatureSet, data_dim, feature_labels, split
 from shared.flow import valid_frames, validation_loss
 from shared.lora import merge_adapter
+from shared.outputs import atomic_write_text
 from shared.sequence import SequenceConfig
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 
@@ -35,19 +41,44 @@ class Evaluation:
     held_out: str  # where the clips came from
     clips: list[str]
     sampling: dict
-    val_flow_loss: dict[str, float] = field(default_factory=dict)
+    val_flow_loss: dict[str, float] = field(default_factory=dict)  # base, tuned
     mel_l1: dict[str, float] = field(default_factory=dict)
     per_clip_mel_l1: dict[str, dict[str, float]] = field(default_factory=dict)
+    lora_scale: float = 1.0  # the strength "tuned" was evaluated at (the best one, when several)
+    scales: dict[str, dict[str, float]] = field(default_factory=dict)  # several strengths: each one's metrics
+    checkpoints: dict[str, float] = field(default_factory=dict)  # adapter folder → validation flow loss
     seconds: float = 0.0
 
     def table(self) -> str:
         rows = [("validation flow loss", self.val_flow_loss), ("log-mel L1 to the real audio", self.mel_l1)]
         lines = [f"{'metric (lower is better)':<30}{'base':>10}{'tuned':>10}{'change':>10}"]
         for name, values in rows:
-            base, tuned = values["base"], values["tuned"]
-            change = f"{100 * (tuned - base) / base:+.1f}%" if base else "n/a"
-            lines.append(f"{name:<30}{base:>10.4f}{tuned:>10.4f}{change:>10}")
+            lines.append(f"{name:<30}{values['base']:>10.4f}{values['tuned']:>10.4f}"
+                         f"{change(values['base'], values['tuned']):>10}")
+        if self.scales:
+            lines.append(f"adapter strengths (tuned = {self.lora_scale:g}, the lowest validation flow loss):")
+            lines += [f"  scale {scale:<6}{v['val_flow_loss']:>10.4f} flow loss{v['mel_l1']:>10.4f} log-mel L1"
+                      for scale, v in self.scales.items()]
+        if self.checkpoints:
+            lines.append("validation flow loss of the kept adapters:")
+            lines += [f"  {name:<28}{loss:>10.4f}" for name, loss in self.checkpoints.items()]
         return "\n".join(lines)
+
+    def verdict(self) -> str:
+        flow, mel = self.val_flow_loss, self.mel_l1
+        better = [name for name, values in (("validation flow loss", flow), ("log-mel L1", mel))
+                  if values["tuned"] < values["base"]]
+        summary = (f"flow loss {change(flow['base'], flow['tuned'])}, log-mel L1 {change(mel['base'], mel['tuned'])} "
+                   f"on {len(self.clips)} held-out clip(s)")
+        if len(better) == 2:
+            return f"The fine-tune helps: {summary}."
+        if better:
+            return f"Mixed: the fine-tune improves the {better[0]} only ({summary})."
+        return f"The fine-tune does not help on these clips: {summary}."
+
+
+def change(base: float, tuned: float) -> str:
+    return f"{100 * (tuned - base) / base:+.1f}%" if base else "n/a"
 
 
 def held_out_clips(run: Path, features: Path | None, ids: list[str], seq: SequenceConfig, dims) -> tuple[FeatureSet, str]:
@@ -70,57 +101,136 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], seq: Sequen
     return clips, where
 
 
-def _mel_l1(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingSettings,
-            batch_size: int) -> dict[str, float]:
+@dataclass
+class Generated:
+    """One model's output for one clip, over the clip's real frames."""
+    mel: torch.Tensor  # (bins, frames)
+    distance: float  # log-mel L1 to the real clip
+
+
+def generate_clips(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingSettings,
+                   batch_size: int) -> dict[str, Generated]:
     """Per clip: generate at the clip's duration, decode both spectrograms, L1 over real frames."""
-    distances: dict[str, float] = {}
+    generated: dict[str, Generated] = {}
     for rows, seq, latents in sample_stored_clips(network, clips.tensors, sampling, batch_size):
         tensors = clips.batch(rows)
-        generated = decoder.mel(latents)
+        mel = decoder.mel(latents)
         real = decoder.mel(tensors["a_mean"][:, :seq.latent_seq_len])
         frames = 2 * valid_frames(tensors["duration_sec"], seq)
         for row, n in enumerate(rows):
-            distance = (generated[row, :, :frames[row]] - real[row, :, :frames[row]]).abs().mean()
-            distances[clips.ids[n]] = float(distance)
-    return distances
+            ours = mel[row, :, :frames[row]].cpu()
+            distance = (ours - real[row, :, :frames[row]].cpu()).abs().mean()
+            generated[clips.ids[n]] = Generated(ours, float(distance))
+    return generated
+
+
+def real_mels(clips: FeatureSet, decoder: AudioDecoder, batch_size: int) -> dict[str, torch.Tensor]:
+    """Each clip's real log-mel (bins, real frames), decoded from its stored latent."""
+    seq = SequenceConfig(decoder.mode)
+    frames = 2 * valid_frames(clips.tensors["duration_sec"], seq)
+    mels = {}
+    for start in range(0, len(clips), batch_size):
+        rows = list(range(start, min(start + batch_size, len(clips))))
+        decoded = decoder.mel(clips.batch(rows)["a_mean"])
+        for row, n in enumerate(rows):
+            mels[clips.ids[n]] = decoded[row, :, :frames[n]].cpu()
+    return mels
+
+
+def _flow_loss(network, clips: FeatureSet, seq: SequenceConfig, device, precision: str, batch_size: int) -> float:
+    batches = ({k: v.to(device) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
+               for i in range(0, len(clips), batch_size))
+    with mixed_precision(device, precision):
+        return validation_loss(network, batches, seq)
+
+
+def kept_adapters(run: Path) -> dict[str, Path]:
+    """Every checkpoint's adapter and the best one, by a readable name, in step order."""
+    adapters = {folder.name: folder / "adapter"
+                for folder in sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+                if (folder / "adapter").is_dir()}
+    best = run / "best" / "adapter"
+    if best.is_dir():
+        step = json.loads((run / "best" / "step.json").read_text())["step"] if (run / "best" / "step.json").is_file() \
+            else "?"
+        adapters[f"best (step {step})"] = best
+    return adapters
 
 
 def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = None,
-             sampling: SamplingSettings = SamplingSettings(), lora_scale: float = 1.0, batch_size: int = 4,
-             device: str = "auto", profile: str | None = None, checkpoint: str | None = None,
-             weights_dir: str | os.PathLike | None = None, out: Path | None = None) -> Evaluation:
-    """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)."""
-    from shared.device import mixed_precision, resolve_device
+             sampling: SamplingSettings = SamplingSettings(), lora_scales: tuple[float, ...] = (1.0,),
+             batch_size: int = 4, device: str = "auto", profile: str | None = None, checkpoint: str | None = None,
+             weights_dir: str | os.PathLike | None = None, out: Path | None = None, checkpoints: bool = False,
+             report: bool = True) -> Evaluation:
+    """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)
+    and the report (RUN/evaluation/index.html)."""
+    from shared.device import resolve_device
     from shared.profiles import FeatureDims
 
+    if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
+        raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
     started = time.perf_counter()
+    run = Path(run)
     source = resolve_source(run=run, profile=profile, checkpoint=checkpoint,
                             weights_dir=str(weights_dir) if weights_dir else None)
     compute = resolve_device(device)
     base, variant = load_model(replace(source, adapter=None))
-    tuned = merge_adapter(copy.deepcopy(base), source.adapter, lora_scale,
-                          expected={"variant": variant, "profile": source.profile})
     config = base.config
     seq = SequenceConfig(config.mode)
-    clips, where = held_out_clips(Path(run), features, ids or [], seq,
+    clips, where = held_out_clips(run, features, ids or [], seq,
                                   FeatureDims(config.clip_dim, config.sync_dim, config.text_dim))
     decoder = AudioDecoder(config.mode, source.profile, source.weights_dir, compute)
+    expected = {"variant": variant, "profile": source.profile}
     result = Evaluation(variant, where, list(clips.ids), asdict(sampling))
-    for name, network in zip(MODELS, (base, tuned)):
+
+    def scored(network) -> tuple[float, dict[str, Generated]]:
         network.to(compute)
-        batches = ({k: v.to(compute) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
-                   for i in range(0, len(clips), batch_size))
-        with mixed_precision(compute, sampling.precision):
-            result.val_flow_loss[name] = validation_loss(network, batches, seq)
-        distances = _mel_l1(network, clips, decoder, sampling, batch_size)
-        result.mel_l1[name] = sum(distances.values()) / len(distances)
-        for clip_id, distance in distances.items():
-            result.per_clip_mel_l1.setdefault(clip_id, {})[name] = distance
+        loss = _flow_loss(network, clips, seq, compute, sampling.precision, batch_size)
+        generated = generate_clips(network, clips, decoder, sampling, batch_size)
         network.to("cpu")
+        return loss, generated
+
+    outputs = {"base": scored(base)}
+    for scale in lora_scales:
+        outputs[f"scale {scale:g}"] = scored(merge_adapter(copy.deepcopy(base), source.adapter, scale, expected))
+    if len(lora_scales) > 1:
+        result.scales = {f"{s:g}": {"val_flow_loss": outputs[f"scale {s:g}"][0],
+                                    "mel_l1": _mean_distance(outputs[f"scale {s:g}"][1])} for s in lora_scales}
+    result.lora_scale = min(lora_scales, key=lambda s: outputs[f"scale {s:g}"][0])
+    outputs["tuned"] = outputs[f"scale {result.lora_scale:g}"]
+    for name in MODELS:
+        loss, generated = outputs[name]
+        result.val_flow_loss[name] = loss
+        result.mel_l1[name] = _mean_distance(generated)
+        for clip_id, clip in generated.items():
+            result.per_clip_mel_l1.setdefault(clip_id, {})[name] = clip.distance
+    if checkpoints:
+        for name, folder in kept_adapters(run).items():
+            network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(compute)
+            result.checkpoints[name] = _flow_loss(network, clips, seq, compute, sampling.precision, batch_size)
+    if report:
+        from generate.report import write_report
+
+        folders = [features] if features is not None else run_settings(run)["features"]
+        write_report(run / "evaluation", result, real_mels(clips, decoder, batch_size),
+                     {name: outputs[name][1] for name in MODELS}, decoder, _source_videos(clips, folders),
+                     {k: v for folder in folders for k, v in feature_labels(folder).items()})
     result.seconds = time.perf_counter() - started
-    out = Path(out) if out is not None else Path(run) / "evaluation.json"
-    temporary = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    temporary.replace(out)
+    atomic_write_text(Path(out) if out is not None else run / "evaluation.json",
+                      json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def _mean_distance(generated: dict[str, Generated]) -> float:
+    return sum(clip.distance for clip in generated.values()) / len(generated)
+
+
+def _source_videos(clips: FeatureSet, folders: list) -> dict[str, dict]:
+    """Where each held-out clip came from (video, start, end), from the feature folders' manifests."""
+    sources = {}
+    for folder in folders:
+        manifest = Path(folder) / MANIFEST_NAME
+        if manifest.is_file():
+            for clip in json.loads(manifest.read_text()).get("clips", []):
+                sources[clip["id"]] = clip
+    return {clip_id: sources[clip_id] for clip_id in clips.ids if clip_id in sources}

@@ -232,6 +232,7 @@ def demo(
                f"tensorboard --logdir {result.run / 'tensorboard'}")
     typer.echo(f"audio:    {result.generated[0]} (clip1, generated with the adapter)")
     typer.echo(f"video:    {result.generated[-1]}")
+    typer.echo(f"report:   {result.report} ({result.evaluation.verdict()})")
     if all(status.found for status in check_files()):
         typer.echo("Official weights found: for the real run, put your clips in data/ and run "
                    "`make features` then `make train`.")
@@ -304,7 +305,10 @@ def evaluate(
     steps: int = typer.Option(25, min=1, help="Euler steps for the generated audio."),
     cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
     seed: int = typer.Option(42, help="Noise seed (the same for both models)."),
-    lora_scale: float = typer.Option(1.0, help="Adapter blend for the tuned model."),
+    lora_scale: str = typer.Option("1", help="Adapter strength, or several separated by commas (0,0.5,1,1.5): "
+                                   "each is scored on the same clips; the best by validation flow loss is named."),
+    checkpoints: bool = typer.Option(False, "--checkpoints", help="Also score every kept checkpoint's adapter and "
+                                     "the best one (validation flow loss only, cheap)."),
     batch_size: int = typer.Option(4, min=1, help="Clips per batch."),
     device: str = typer.Option("auto", help="auto (CUDA when usable), cpu or cuda."),
     precision: str = typer.Option("auto", help="The network: " + PRECISION_HELP),
@@ -312,17 +316,27 @@ def evaluate(
     checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
-    """Compare the base model with the fine-tuned one on held-out clips: flow loss and log-mel L1."""
+    """Compare the base model with the fine-tuned one on held-out clips: flow loss and log-mel L1.
+
+    Writes RUN/evaluation.json and a report to open in a browser, RUN/evaluation/index.html (audio,
+    spectrograms, training curves, the verdict)."""
     from generate.evaluate import evaluate as run_evaluation
     from shared.synthesis import SamplingSettings
 
     with user_errors():
-        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed, precision), lora_scale, batch_size,
-                                device, profile, str(checkpoint) if checkpoint else None, weights_dir, out)
+        try:
+            scales = tuple(float(value) for value in lora_scale.split(","))
+        except ValueError:
+            raise UserError(f"--lora-scale takes numbers separated by commas, not {lora_scale!r}") from None
+        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed, precision), scales,
+                                batch_size, device, profile, str(checkpoint) if checkpoint else None, weights_dir,
+                                out, checkpoints)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
                f"{steps} steps, cfg {cfg:g}, seed {seed}:")
     typer.echo(result.table())
-    typer.echo(f"report: {out or run / 'evaluation.json'} ({result.seconds:.0f} s)")
+    typer.echo(result.verdict())
+    typer.echo(f"numbers: {out or run / 'evaluation.json'}; report: {run / 'evaluation' / 'index.html'} "
+               f"({result.seconds:.0f} s)")
 
 
 @app.command()

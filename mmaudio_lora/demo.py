@@ -1,4 +1,5 @@
-"""The offline demo: synthetic clips → features → LoRA training → generated audio, with the tiny profile.
+"""The offline demo: synthetic clips → features → LoRA training → generated audio → evaluation
+report, with the tiny profile.
 
 Needs no weights and no GPU. It runs the same code as the real pipeline, only with small
 deterministic models, so it shows the whole flow in a few minutes on two CPU cores.
@@ -22,6 +23,8 @@ class DemoResult:
     feature_summary: object
     train_result: object
     generated: list[Path]  # the wav and mp4 of one demo clip, made with the trained adapter
+    evaluation: object  # base against tuned on the validation clips
+    report: Path  # RUN/evaluation/index.html
 
 
 def write_demo_clips(root: Path) -> Path:
@@ -41,7 +44,9 @@ def write_demo_clips(root: Path) -> Path:
 
 
 def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
+    from generate.evaluate import evaluate
     from generate.model import resolve_source
+    from shared.synthesis import SamplingSettings
     from generate.run import GenerateJob, generate
     from precompute.run import FeatureJob, run_features
     from train.config import TrainConfig
@@ -58,4 +63,7 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
     result = train(config, overwrite=True)  # the demo's own run: a rerun starts it afresh
     generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run)),
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"], device="cpu"))
-    return DemoResult(tsv, features, Path(config.run), summary, result, generated.written)
+    evaluation = evaluate(Path(config.run), sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0),
+                          device="cpu")
+    return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, evaluation,
+                      Path(config.run) / "evaluation" / "index.html")

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
+from shared.outputs import replace_folder
 
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
@@ -157,9 +158,4 @@ def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]]
     (staging / SKIPPED_NAME).write_text("".join(line + "\n" for line in skipped_lines))
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
-    old = sibling(out, "old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder(staging, out)

@@ -102,6 +102,11 @@ def _feature_tsv(directory: str | Path) -> Path:
     return tsv
 
 
+def feature_labels(directory: str | Path) -> dict[str, str]:
+    """Each clip's caption (the `label` column), by id."""
+    return {row["id"]: row.get("label") or "" for row in _read_rows(_feature_tsv(directory))}
+
+
 def feature_ids(directory: str | Path) -> list[str]:
     """The clip ids of a feature folder, in row order, without opening the memmap."""
     return [row["id"] for row in _read_rows(_feature_tsv(directory))]

@@ -15,6 +15,7 @@ from torch import nn
 
 from shared.errors import UserError
 from shared.network import MMAudio
+from shared.outputs import replace_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_INFO = "mmaudio_lora.json"  # which base network the adapter belongs to (peft does not record it)
@@ -83,21 +84,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_adapter(peft_model, directory: Path, info: dict[str, str]) -> None:
-    """Write the adapter in the PEFT layout plus `info` (variant, profile), atomically (a temporary
-    folder renamed into place)."""
+def save_adapter(peft_model, directory: Path, info: dict[str, str], card: str | None = None) -> None:
+    """Write the adapter in the PEFT layout plus `info` (variant, profile) and the model `card`
+    (README.md, replacing peft's empty template), atomically (a temporary folder renamed into place)."""
     directory = Path(directory)
     temporary = directory.with_name(f".{directory.name}.tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
     peft_model.save_pretrained(str(temporary))
     (temporary / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    old = directory.with_name(f".{directory.name}.old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(temporary, directory)
-    if old.exists():
-        shutil.rmtree(old)
+    if card is not None:
+        (temporary / "README.md").write_text(card)
+    replace_folder(temporary, directory)
 
 
 def adapter_info(directory: str | Path) -> dict[str, str]:

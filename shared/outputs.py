@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def claim_generated_folder(folder: str | os.PathLike, protected: tuple[Path, ...
             atomic_write_text(marker, json.dumps({"tool": "mmaudio-lora", "kind": "generated"}) + "\n")
     except OSError as error:
         raise OutputError(f"cannot write to {folder}: {error.strerror or error}") from None
+    return folder
+
+
+def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Put the finished `staging` folder in place of `folder` (ours), never leaving neither:
+    the old one is renamed aside, the new one renamed in, then the old one deleted."""
+    staging, folder = Path(staging), Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
 
 

@@ -141,7 +141,11 @@ class AudioDecoder:
         return self._load_vae().decode(latents.transpose(1, 2).float().to(self.device))
 
     @torch.no_grad()
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        """Log-mel (B, bins, T) → mono audio (B, T * hop) at the mode's rate, on the CPU."""
+        return self._load_vocoder()(mel.float().to(self.device)).squeeze(1).float().cpu()
+
+    @torch.no_grad()
     def waveform(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, latent_dim) → mono audio (B, 2N * hop) at the mode's rate, on the CPU."""
-        mel = self.mel(latents)
-        return self._load_vocoder()(mel).squeeze(1).float().cpu()
+        return self.vocode(self.mel(latents))

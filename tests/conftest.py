@@ -36,6 +36,22 @@ def fill_state_dict():
 
 
 @pytest.fixture(scope="session")
+def trained_run(features, tmp_path_factory) -> Path:
+    """One tiny run shared by the generate, evaluate, export and report tests: a validation split,
+    audio samples and checkpoints every 3 steps, and a learning rate large enough that the adapter
+    really changes the network."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    train(TrainConfig(features=[str(features)], run=str(folder), profile="tiny", steps=6, batch_size=2, lr=1e-2,
+                      warmup_steps=1, val_fraction=0.34, val_every=3, checkpoint_every=3, keep_last=2,
+                      device="cpu", sample_every=3, sample_steps=2),
+          show_progress=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def features(tmp_path_factory):
     """Tiny-profile features of six generated clips of 2-8 s (a real precompute run)."""
     from precompute.run import FeatureJob, run_features

@@ -14,8 +14,6 @@ from generate.run import GenerateJob, generate
 from mmaudio_lora.cli import app
 from shared.synthesis import SamplingSettings
 from shared.weights import MissingWeightsError
-from train.config import TrainConfig
-from train.loop import train
 
 from conftest import EXAMPLE_DATA, FEATURE_CLIP_SECONDS
 
@@ -40,13 +38,8 @@ def stream_types(path: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def run(features, tmp_path_factory) -> Path:
-    """A tiny run with a validation split, writing audio samples every 3 steps."""
-    folder = tmp_path_factory.mktemp("generate") / "run"
-    train(TrainConfig(features=[str(features)], run=str(folder), profile="tiny", steps=6, batch_size=2, lr=1e-2,
-                      warmup_steps=1, val_fraction=0.34, device="cpu", sample_every=3, sample_steps=2),
-          show_progress=False)
-    return folder
+def run(trained_run) -> Path:
+    return trained_run
 
 
 def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):

@@ -30,6 +30,7 @@ from shared.profiles import FeatureDims
 from shared.sequence import SequenceConfig
 from shared.synthesis import crop_video_features, use_duration
 from train.buckets import Batch, bucket_lengths, epoch_plan
+from train.card import model_card
 from train.config import TrainConfig
 from train.objective import training_loss
 from train.run_folder import CONFIG_FILE, STATE_FILE, MetricsLog, newest_readable_checkpoint, prepare_run_folder
@@ -187,17 +188,23 @@ class Trainer:
         if self.best_val is None or val_loss < self.best_val:
             self.best_val, self.best_step, self.stale_validations = val_loss, self.step, 0
             if self.writer:
-                save_adapter(self.model, self.run / "best" / "adapter", self.info)
+                save_adapter(self.model, self.run / "best" / "adapter", self.info, self.card())
                 (self.run / "best" / "step.json").write_text(json.dumps({"step": self.step, "val_loss": val_loss}))
         else:
             self.stale_validations += 1
+
+    def card(self) -> str:
+        """The model card of the adapter as it is now."""
+        durations = self.train_set.tensors["duration_sec"]
+        return model_card(self.config, len(self.train_set), float(durations.sum()),
+                          0 if self.val_set is None else len(self.val_set), self.step, self.best_val, self.best_step)
 
     def save_checkpoint(self) -> None:
         if not self.writer:
             return
         folder = self.run / "checkpoints" / f"step-{self.step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        save_adapter(self.model, folder / "adapter", self.info)
+        save_adapter(self.model, folder / "adapter", self.info, self.card())
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
                  "best_val_loss": math.nan if self.best_val is None else self.best_val,
@@ -284,7 +291,7 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(temporary, final)
         else:
-            save_adapter(self.model, final, self.info)
+            save_adapter(self.model, final, self.info, self.card())
 
     def _sample_writer(self):
         from shared.synthesis import AudioDecoder, SamplingSettings
