@@ -20,7 +20,7 @@ STEPS ?= 2000
 VIDEO ?= data/new_videos
 OUT ?= data/generated/$(VARIANT)
 
-.PHONY: setup lock test demo features train generate evaluate export bench
+.PHONY: setup lock test demo features train generate evaluate export bench gpu-check
 
 setup: $(STAMP)
 
@@ -67,3 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/precompute.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/generate.py
+
+# The prepared device check (one GPU, about 5 minutes): prints a table, writes gpu_check.json.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py

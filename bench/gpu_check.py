@@ -14,8 +14,8 @@ Sections (each one's failure is recorded and the others still run):
               the same with gradient checkpointing; full fine-tuning for the ratio
   generation  one 8 s clip, 25 Euler steps with CFG: sampling and decoding seconds
   collectives all_reduce in a one-process group (NCCL on CUDA)
-  user path   the real-profile commands as a user runs them: features → train (20 steps) →
-              generate → export, each timed
+  user path   the real-profile commands as a user runs them (the CLI, in this process): features
+              → train (20 steps) → generate → export, each timed
 The table goes to stdout and everything to one JSON (--json, default $OUT/gpu_check.json or
 ./gpu_check.json). On the device machine, carry `../shared/reference/fill.py` and the example
 clips into the checkout and point --reference / --examples at them.
@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -378,17 +377,25 @@ def user_path(check: Check) -> None:
                      str(check.device), *real_only],
         "export": ["export", "--run", str(run), "--out", str(check.workdir / "export" / "merged.pth")],
     }
-    for name, arguments in commands.items():
+    from typer.testing import CliRunner
+
+    from mmaudio_lora.cli import app
+
+    for name, arguments in commands.items():  # in this process: the time is the command's work
         started = time.perf_counter()
-        finished = subprocess.run([sys.executable, "-m", "mmaudio_lora", *arguments], capture_output=True,
-                                  text=True, cwd=REPO)
+        finished = CliRunner().invoke(app, arguments)
         seconds = time.perf_counter() - started
-        last = (finished.stdout.strip().splitlines() or [""])[-1][:120]
-        check.row("user path", f"{name} s", seconds if finished.returncode == 0 else
-                  f"FAILED ({finished.returncode}): {(finished.stderr.strip().splitlines() or [''])[-1][:160]}")
-        check.results["user path"][f"{name} output"] = last
-        if finished.returncode != 0:
+        lines = (finished.output or "").strip().splitlines() or [""]
+        check.row("user path", f"{name} s", seconds if finished.exit_code == 0 else
+                  f"FAILED ({finished.exit_code}): {lines[-1][:160]}")
+        check.results["user path"][f"{name} output"] = lines[-1][:200]
+        if finished.exception is not None and not isinstance(finished.exception, SystemExit):
+            check.results["user path"][f"{name} traceback"] = "".join(
+                traceback.format_exception(finished.exception))
+        if finished.exit_code != 0:
             break
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 SECTIONS = {"precision": precision, "weights": weights, "precompute": precompute, "training": training,

@@ -1,13 +1,18 @@
 """Choosing the compute device and its precision, and telling the user what is usable."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from shared.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the no-op `features` check imports none
+    import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → CUDA when usable, else CPU; `cuda` fails clearly when CUDA is not usable."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -30,6 +35,8 @@ def mixed_precision(device: torch.device, precision: str = "auto"):
     is bf16 autocast on CUDA and float32 on the CPU, `bf16` autocast anywhere (the CPU too, which is
     how the tests run the GPU's mixed-precision path), `fp32` never. The VAE, the mel converter and
     the vocoder always run in float32, outside this context."""
+    import torch
+
     check_precision(precision)
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -37,6 +44,8 @@ def mixed_precision(device: torch.device, precision: str = "auto"):
 
 def cuda_status() -> str:
     """One line on CUDA: usable or not, which GPU, whether bf16 works, after a real operation."""
+    import torch
+
     if not torch.cuda.is_available():
         return "not usable (no GPU visible to torch); everything runs on the CPU, slowly for the real models"
     try:

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 
+def rank_rows(items, rank: int, world_size: int):
+    """The rows a rank takes of anything indexable (a list, a batch tensor): every world_size-th
+    from its rank. The one rule for splitting work and batches across processes."""
+    return items[rank::world_size]
+
+
 @dataclass
 class Ranks:
     rank: int = 0
@@ -31,7 +37,8 @@ class Ranks:
         return cls(rank, dist.get_world_size(), local, grouped=True)
 
     def shard(self, items: list) -> list:
-        return items[self.rank::self.world_size]
+        """This rank's share of `items`."""
+        return rank_rows(items, self.rank, self.world_size)
 
     def barrier(self) -> None:
         if self.grouped:

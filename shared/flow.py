@@ -55,8 +55,26 @@ def valid_frame_mask(valid_frames: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def valid_frames(duration_sec: torch.Tensor, seq: SequenceConfig) -> torch.Tensor:
-    frames = torch.ceil(duration_sec.double() * seq.sampling_rate / seq.hop_length / 2).long()
+    """Each clip's count of real latent frames in `seq`'s window (at least one)."""
+    frames = torch.tensor([seq.latent_frames(seconds) for seconds in duration_sec.tolist()], dtype=torch.long)
     return frames.clamp(1, seq.latent_seq_len)
+
+
+def masked_flow_loss(forward, batch: dict[str, torch.Tensor], seq: SequenceConfig, normalize,
+                     posterior_noise: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                     conditions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The objective, per sample (B,): flow matching from noise x0 to a posterior sample of each
+    clip's stored latent, counted over the clip's real frames only. Padded frames are also taken
+    out of the input (x1 := x0 there, so x_t is pure noise whatever was stored). Training and
+    validation both call this; they differ only in where the noise, times and conditions come from.
+    `conditions` (clip, sync, text) default to the batch's own."""
+    device = x0.device
+    x1 = normalize(batch["a_mean"] + batch["a_std"] * posterior_noise)
+    mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
+    x1 = torch.where(mask.unsqueeze(-1), x1, x0)
+    clip_f, sync_f, text_f = conditions or (batch["clip_features"], batch["sync_features"], batch["text_features"])
+    predicted = forward(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
+    return flow_loss(predicted, target_velocity(x0, x1), mask)
 
 
 def guided_flow(network: MMAudio, t: torch.Tensor, x: torch.Tensor, conditions: Conditions,
@@ -95,15 +113,10 @@ def validation_loss(network: MMAudio, batches, seq: SequenceConfig, seed: int = 
     for batch in batches:
         device = batch["a_mean"].device
         size = batch["a_mean"].shape[0]
-        x1 = network.normalize(batch["a_mean"] + batch["a_std"] *
-                               torch.randn(batch["a_mean"].shape, generator=generator).to(device))
-        mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
+        posterior_noise = torch.randn(batch["a_mean"].shape, generator=generator).to(device)
         for t_value in VALIDATION_TIMES:
-            x0 = torch.randn(x1.shape, generator=generator).to(device)
+            x0 = torch.randn(batch["a_mean"].shape, generator=generator).to(device)
             t = torch.full((size,), t_value, device=device)
-            x1_t = torch.where(mask.unsqueeze(-1), x1, x0)
-            predicted = network(interpolate(x0, x1_t, t), batch["clip_features"], batch["sync_features"],
-                                batch["text_features"], t)
-            total += flow_loss(predicted, target_velocity(x0, x1_t), mask).sum().item()
+            total += masked_flow_loss(network, batch, seq, network.normalize, posterior_noise, x0, t).sum().item()
             count += size
     return total / count if count else math.nan

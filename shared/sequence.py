@@ -45,10 +45,14 @@ class SequenceConfig:
     def hop_length(self) -> int:
         return AUDIO_MODES[self.mode][1]
 
+    def latent_frames(self, seconds: float) -> int:
+        """Latent frames that `seconds` of audio need: the one latent-length formula (the VAE halves
+        the mel frame rate)."""
+        return math.ceil(seconds * self.sampling_rate / self.hop_length / 2)
+
     @property
     def latent_seq_len(self) -> int:
-        # The VAE halves the mel frame rate.
-        return math.ceil(self.duration_sec * self.sampling_rate / self.hop_length / 2)
+        return self.latent_frames(self.duration_sec)
 
     @property
     def clip_seq_len(self) -> int:

@@ -139,7 +139,7 @@ class Trainer:
             self._plan = (epoch, epoch_plan(self.train_buckets, self.config.batch_size, self.config.seed, epoch))
         planned = self._plan[1][within]
         seq = SequenceConfig(self.mode, planned.seconds)
-        rows = planned.indices[self.ranks.rank::self.ranks.world_size]
+        rows = self.ranks.shard(planned.indices)
         tensors = cut_to_length(self.train_set.batch(rows), seq)
         return seq, {k: v.to(self.device) for k, v in tensors.items()}
 

@@ -1,15 +1,16 @@
-"""The training objective: flow matching on stored VAE posteriors, with classifier-free dropout
-and a loss that only counts each clip's real (unpadded) latent frames.
+"""The training objective: shared.flow.masked_flow_loss with random posterior samples,
+logit-normal times and classifier-free dropout of the video and text conditions.
 
-Padded frames are also taken out of the input: there x1 is set to the noise x0, so x_t is pure
-noise whatever was stored. The stored padding (the latent of silence) then has no influence at
-all, and the model is never taught that a short clip continues with silence.
+The stored padding (the latent of silence) has no influence at all: the masked loss takes padded
+frames out of the loss and the input, so the model is never taught that a short clip continues
+with silence.
 """
 from __future__ import annotations
 
 import torch
 
-from shared.flow import flow_loss, interpolate, sample_time, target_velocity, valid_frame_mask, valid_frames
+from shared.distributed import rank_rows
+from shared.flow import masked_flow_loss, sample_time
 from shared.network import MMAudio
 from shared.sequence import SequenceConfig
 
@@ -39,18 +40,13 @@ def training_loss(network: MMAudio, batch: dict, seq: SequenceConfig, generator:
     forward = forward or network
 
     def draw(values: torch.Tensor) -> torch.Tensor:
-        return values[rank::world].to(device)
+        return rank_rows(values, rank, world).to(device)
 
-    def noise(shape):
-        return draw(torch.randn((size, *shape[1:]), generator=generator))
-
-    x1 = network.normalize(batch["a_mean"] + batch["a_std"] * noise(batch["a_mean"].shape))
+    shape = (size, *batch["a_mean"].shape[1:])
+    posterior_noise = draw(torch.randn(shape, generator=generator))
     t = draw(sample_time(size, generator=generator))
-    x0 = noise(x1.shape)
-    mask = valid_frame_mask(valid_frames(batch["duration_sec"], seq).to(device), seq.latent_seq_len)
-    x1 = torch.where(mask.unsqueeze(-1), x1, x0)
+    x0 = draw(torch.randn(shape, generator=generator))
     drop_video = draw(torch.rand(size, generator=generator) < null_probability)
     drop_text = draw(torch.rand(size, generator=generator) < null_probability)
-    clip_f, sync_f, text_f = apply_null_conditions(network, batch, drop_video, drop_text)
-    predicted = forward(interpolate(x0, x1, t), clip_f, sync_f, text_f, t)
-    return flow_loss(predicted, target_velocity(x0, x1), mask).mean()
+    conditions = apply_null_conditions(network, batch, drop_video, drop_text)
+    return masked_flow_loss(forward, batch, seq, network.normalize, posterior_noise, x0, t, conditions).mean()
