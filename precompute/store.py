@@ -21,7 +21,7 @@ from typing import Iterator
 
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
-from shared.outputs import replace_folder
+from shared.outputs import atomic_path, atomic_write_text, replace_folder
 
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
@@ -105,11 +105,8 @@ class WorkCache:
     def put(self, kind: str, key: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
-        os.replace(temporary, path)
+        with atomic_path(self._path(kind, key)) as temporary:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
 
     def get(self, kind: str, key: str) -> dict:
         from safetensors.torch import load_file
@@ -117,11 +114,7 @@ class WorkCache:
         return load_file(str(self._path(kind, key)))
 
     def put_skip(self, key: str, reason: str) -> None:
-        path = self.root / "skip" / f"{key}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        temporary.write_text(reason)
-        os.replace(temporary, path)
+        atomic_write_text(self.root / "skip" / f"{key}.txt", reason)
 
     def skip_reason(self, key: str) -> str | None:
         path = self.root / "skip" / f"{key}.txt"

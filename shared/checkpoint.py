@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -131,19 +130,13 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
                     metadata: dict[str, str] | None = None) -> None:
     """Write a plain state dict atomically: `.safetensors` (with `metadata` in its header) by
     suffix, else torch's format."""
+    from shared.outputs import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, temporary, metadata=dict(metadata or {}, format="pt"))
+            save_file(tensors, str(temporary), metadata=dict(metadata or {}, format="pt"))
         else:
             torch.save(tensors, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.errors import UserError
+from shared.outputs import atomic_path
 from shared.resample import resample
 from shared.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
 
@@ -306,11 +307,6 @@ def probe_duration(path: str | Path) -> float | None:
         return None
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
-
-
 def _encode_audio(container, stream, audio: np.ndarray, rate: int) -> None:
     """Mono float audio through `stream`, in encoder-sized frames."""
     import av
@@ -329,12 +325,10 @@ def write_wav(path: str | Path, audio: torch.Tensor, rate: int) -> Path:
     import av
 
     path = Path(path)
-    temporary = _atomic_target(path)
     samples = audio.detach().float().clamp(-1, 1).cpu().numpy()
-    with av.open(str(temporary), "w", format="wav") as container:
+    with atomic_path(path) as temporary, av.open(str(temporary), "w", format="wav") as container:
         stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
         _encode_audio(container, stream, samples, rate)
-    temporary.replace(path)
     return path
 
 
@@ -349,11 +343,11 @@ def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Te
     import av
 
     path = Path(path)
-    temporary = _atomic_target(path)
     samples = audio.detach().float().clamp(-1, 1).cpu().numpy()
     duration = samples.shape[0] / rate
     try:
-        with av.open(str(source)) as reader, av.open(str(temporary), "w", format="mp4") as writer:
+        with atomic_path(path) as temporary, av.open(str(source)) as reader, \
+                av.open(str(temporary), "w", format="mp4") as writer:
             video_in = reader.streams.video[0]
             frame_rate = Fraction(video_in.average_rate or SYNC_FPS).limit_denominator(1001)
             video_out = writer.add_stream("libx264", rate=frame_rate)
@@ -384,7 +378,5 @@ def write_video_with_audio(source: str | Path, path: str | Path, audio: torch.Te
             writer.mux(video_out.encode())
             _encode_audio(writer, audio_out, samples, rate)
     except av.error.FFmpegError as error:
-        temporary.unlink(missing_ok=True)
         raise MediaError(f"{source}: cannot write {path.name}: {error}") from None
-    temporary.replace(path)
     return path

@@ -102,4 +102,6 @@ class TrainConfig:
         return self
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        from shared.outputs import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from shared.errors import UserError
 from shared.features import FeatureSet, data_dim, split
 from shared.flow import validation_loss
 from shared.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
+from shared.outputs import atomic_path, atomic_write_text, replace_folder
 from shared.profiles import FeatureDims
 from shared.sequence import SequenceConfig
 from shared.synthesis import crop_video_features, use_duration
@@ -189,7 +189,7 @@ class Trainer:
             self.best_val, self.best_step, self.stale_validations = val_loss, self.step, 0
             if self.writer:
                 save_adapter(self.model, self.run / "best" / "adapter", self.info, self.card())
-                (self.run / "best" / "step.json").write_text(json.dumps({"step": self.step, "val_loss": val_loss}))
+                atomic_write_text(self.run / "best" / "step.json", json.dumps({"step": self.step, "val_loss": val_loss}))
         else:
             self.stale_validations += 1
 
@@ -210,9 +210,8 @@ class Trainer:
                  "best_val_loss": math.nan if self.best_val is None else self.best_val,
                  "best_step": -1 if self.best_step is None else self.best_step,
                  "stale_validations": self.stale_validations}
-        temporary = folder / f".{STATE_FILE}.tmp"
-        torch.save(state, temporary)
-        os.replace(temporary, folder / STATE_FILE)
+        with atomic_path(folder / STATE_FILE) as temporary:
+            torch.save(state, temporary)
         kept = sorted((self.run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in kept[:-self.config.keep_last]:
             shutil.rmtree(old)
@@ -288,8 +287,7 @@ class Trainer:
             temporary = self.run / ".adapter.tmp"
             shutil.rmtree(temporary, ignore_errors=True)
             shutil.copytree(best, temporary)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
+            replace_folder(temporary, final)
         else:
             save_adapter(self.model, final, self.info, self.card())
 
