@@ -1,2 +1,2 @@
 """mmaudio-lora: fine-tune MMAudio with LoRA on your own videos."""
-__version__ = "0.1.0"
+from shared import __version__  # noqa: F401  (one source: shared/__init__.py)

@@ -236,7 +236,7 @@ def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previou
             text = cache.get("text", item.text_key)[TEXT_KEY]
         return dict(media, **{TEXT_KEY: text})
 
-    from mmaudio_lora import __version__
+    from shared import __version__
 
     shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,6 +32,7 @@ PEAK = 0.95
 SILENCE = 1e-6
 OUTPUT_TIME_BASE = Fraction(1, 90000)  # the mp4 picture clock: MPEG's 90 kHz
 RESIZE_CHUNK = 16  # frames resized together: bounded memory whatever the source resolution
+IN_FLIGHT = 4  # chunks decoded ahead of the resizing thread
 
 
 class MediaError(UserError):
@@ -115,22 +117,39 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
     kept = 0
     last_time = None
 
+    # Resizing runs in a helper thread while decoding goes on (both release the GIL); results are
+    # collected in order, so the frames come out exactly as a serial loop gives them.
+    resizing = ThreadPoolExecutor(max_workers=1)
+    jobs = []
+
+    def resize_chunk(chunk: list[np.ndarray], wanted: dict[str, list[int]]) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for name, resize in (("clip", _resize_clip), ("sync", _resize_sync)):
+            unique = sorted(set(wanted[name]))
+            if unique:
+                # (N, 3, H, W) as a channels-last view of the stacked frames: no transposing copy,
+                # and the layout torch's uint8 resize kernel is fastest on
+                batch = resize(torch.from_numpy(np.stack([chunk[i] for i in unique])).permute(0, 3, 1, 2))
+                position = {source: row for row, source in enumerate(unique)}
+                out[name] = [batch[position[i]] for i in wanted[name]]
+            else:
+                out[name] = []
+        return out
+
+    emitted = {"clip": 0, "sync": 0}
+
     def flush() -> None:
         nonlocal pending, first_pending
         if not pending:
             return
-        resize_started = time.perf_counter()
-        for name, resize in (("clip", _resize_clip), ("sync", _resize_sync)):
-            wanted = [i - first_pending for i in pickers[name].picked[len(resized[name]):]]
+        wanted = {}
+        for name in ("clip", "sync"):
             # only frames a picker emitted get resized, once each, in emission order
-            unique = sorted(set(wanted))
-            if unique:
-                # (N, 3, H, W) as a channels-last view of the stacked frames: no transposing copy,
-                # and the layout torch's uint8 resize kernel is fastest on
-                out = resize(torch.from_numpy(np.stack([pending[i] for i in unique])).permute(0, 3, 1, 2))
-                position = {source: row for row, source in enumerate(unique)}
-                resized[name].extend(out[position[i]] for i in wanted)
-        timings["resize"] = timings.get("resize", 0.0) + time.perf_counter() - resize_started
+            wanted[name] = [i - first_pending for i in pickers[name].picked[emitted[name]:]]
+            emitted[name] = len(pickers[name].picked)
+        if len(jobs) >= IN_FLIGHT:  # a bounded number of source-frame chunks in memory, whatever the resolution
+            jobs[-IN_FLIGHT].result()
+        jobs.append(resizing.submit(resize_chunk, pending, wanted))
         first_pending += len(pending)
         pending = []
 
@@ -150,6 +169,12 @@ def _read_frames(container, start_sec: float, length_sec: float, clip_count: int
         if len(pending) >= RESIZE_CHUNK:
             flush()
     flush()
+    waited = time.perf_counter()
+    for job in jobs:
+        for name, frames in job.result().items():
+            resized[name].extend(frames)
+    resizing.shutdown()
+    timings["resize"] = timings.get("resize", 0.0) + time.perf_counter() - waited  # resizing not hidden by decoding
     if not resized["clip"] or not resized["sync"]:
         raise MediaError("no video frames in the requested time range")
     frame_rate = float(stream.average_rate) if stream.average_rate else SYNC_FPS
