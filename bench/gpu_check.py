@@ -23,9 +23,9 @@ clips into the checkout and point --reference / --examples at them.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
+import runpy
 import sys
 import tempfile
 import time
@@ -403,13 +403,11 @@ SECTIONS = {"precision": precision, "weights": weights, "precompute": precompute
 
 
 def load_fill(reference: Path):
+    """The reference's fill_state_dict: the same keys and shapes get the same weights."""
     path = reference / "fill.py"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; pass --reference (the folder holding fill.py)")
-    spec = importlib.util.spec_from_file_location("reference_fill", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fill_state_dict
+    return runpy.run_path(str(path))["fill_state_dict"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,20 +126,6 @@ def test_second_features_run_on_the_same_folder_is_refused_while_one_holds_it(sm
     assert not out.exists()
 
 
-def test_ids_that_are_not_plain_file_names_are_refused(tmp_path):
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    tsv = tmp_path / "list.tsv"
-    tsv.write_text("video_path\tstart_time\tend_time\tcaption\tid\nx.mp4\t0\t1\tok\t../../x\n"
-                   "y.mp4\t0\t1\tok\t/abs/y\nz.mp4\t0\t1\tok\tfine\n")
-    with pytest.raises(ClipListError, match=r"rows 2, 3: id is not a plain file name"):
-        read_clip_list(tsv, videos)
-    mmaudio_list = tmp_path / "mmaudio.tsv"
-    mmaudio_list.write_text("id\tlabel\n..\tup\n")
-    with pytest.raises(ClipListError, match="row"):
-        read_clip_list(mmaudio_list, videos)
-
-
 def test_feature_folder_ids_are_checked_before_they_become_file_names(features, tmp_path):
     import shutil
 
@@ -205,22 +191,30 @@ def test_audio_that_starts_after_the_picture_keeps_its_place(tmp_path):
 
 # -- lists ----------------------------------------------------------------------------------------
 
-def test_quoted_tabs_ragged_rows_and_encoding(tmp_path):
-    videos = tmp_path / "videos"
-    videos.mkdir()
+SEGMENT_HEADER = "video_path\tstart_time\tend_time\tcaption"
+BAD_LISTS = {  # name: (the list's bytes, what the one-line error must say)
+    "ids with paths": (f"{SEGMENT_HEADER}\tid\nx.mp4\t0\t1\tok\t../../x\ny.mp4\t0\t1\tok\t/abs/y\n"
+                       "z.mp4\t0\t1\tok\tfine\n".encode(), r"rows 2, 3: id is not a plain file name"),
+    "MMAudio id '..'": (b"id\tlabel\n..\tup\n", r"row 2: id is not a plain file name"),
+    "ragged rows": (f"{SEGMENT_HEADER}\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tok\textra\nx.mp4\t2\t3\n".encode(),
+                    r"rows 3, 4: not 4 tab-separated fields"),
+    "not UTF-8": (f"{SEGMENT_HEADER}\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tcafé\n".encode("latin-1"),
+                  r"list.tsv: line 3 is not UTF-8 \(byte 0xe9\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LISTS)
+def test_bad_lists_are_refused_naming_rows(case, tmp_path):
+    content, message = BAD_LISTS[case]
+    (tmp_path / "list.tsv").write_bytes(content)
+    with pytest.raises(ClipListError, match=message):
+        read_clip_list(tmp_path / "list.tsv", tmp_path)
+
+
+def test_quoted_fields_keep_their_tabs_and_quotes(tmp_path):
     quoted = tmp_path / "quoted.tsv"
-    quoted.write_text('video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\t"rain\tand ""thunder"""\n')
-    assert read_clip_list(quoted, videos)[0].caption == 'rain\tand "thunder"'
-    ragged = tmp_path / "ragged.tsv"
-    ragged.write_text("video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tok\textra\n"
-                      "x.mp4\t2\t3\n")
-    with pytest.raises(ClipListError, match=r"rows 3, 4: not 4 tab-separated fields"):
-        read_clip_list(ragged, videos)
-    latin = tmp_path / "latin.tsv"
-    latin.write_bytes("video_path\tstart_time\tend_time\tcaption\nx.mp4\t0\t1\tok\nx.mp4\t1\t2\tcafé\n"
-                      .encode("latin-1"))
-    with pytest.raises(ClipListError, match=r"latin.tsv: line 3 is not UTF-8 \(byte 0xe9\)"):
-        read_clip_list(latin, videos)
+    quoted.write_text(f'{SEGMENT_HEADER}\nx.mp4\t0\t1\t"rain\tand ""thunder"""\n')
+    assert read_clip_list(quoted, tmp_path)[0].caption == 'rain\tand "thunder"'
 
 
 def test_symlinks_leading_outside_are_named_and_can_be_allowed(tmp_path):

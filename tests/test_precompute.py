@@ -203,24 +203,26 @@ def test_split_long_cuts_consecutive_windows(dataset, tmp_path):
     assert td["duration_sec"].tolist() == pytest.approx([8.0, 3.0], abs=0.05)
 
 
-def test_bad_lists_name_their_rows(tmp_path):
-    videos = tmp_path
-    cases = {
-        "missing column": ("video_path\tcaption\na.mp4\tx\n", "missing column"),
-        "times": ("video_path\tstart_time\tend_time\tcaption\na.mp4\tzero\t1\tx\nb.mp4\t2\t1\ty\n",
-                  "row 2: start_time/end_time is not a number; row 3: end_time is not after start_time"),
-        "escape": ("video_path\tstart_time\tend_time\tcaption\n../../etc/passwd\t0\t1\tx\n", "escapes the video root"),
-        "duplicates": ("id\tlabel\nabc\tx\nabc\ty\n", "duplicate ids: id 'abc' on rows 2, 3"),
-        "no schema": ("name\tcaption\na\tb\n", "needs either an `id` column"),
-    }
-    for name, (text, message) in cases.items():
-        path = tmp_path / f"{name}.tsv"
-        path.write_text(text)
-        with pytest.raises(ClipListError, match=message):
-            read_clip_list(path, videos)
-        result = CliRunner().invoke(app, ["features", "--tsv", str(path), "--video-root", str(videos),
-                                          "--out", str(tmp_path / "out"), "--profile", "tiny"])
-        assert result.exit_code == 1 and "Traceback" not in result.output and message.split(":")[0] in result.output
+LIST_ERRORS = {  # name: (the list, what the one-line error must say)
+    "missing column": ("video_path\tcaption\na.mp4\tx\n", "missing column"),
+    "times": ("video_path\tstart_time\tend_time\tcaption\na.mp4\tzero\t1\tx\nb.mp4\t2\t1\ty\n",
+              "row 2: start_time/end_time is not a number; row 3: end_time is not after start_time"),
+    "escape": ("video_path\tstart_time\tend_time\tcaption\n../../etc/passwd\t0\t1\tx\n", "escapes the video root"),
+    "duplicates": ("id\tlabel\nabc\tx\nabc\ty\n", "duplicate ids: id 'abc' on rows 2, 3"),
+    "no schema": ("name\tcaption\na\tb\n", "needs either an `id` column"),
+}
+
+
+@pytest.mark.parametrize("case", LIST_ERRORS)
+def test_bad_lists_name_their_rows(case, tmp_path):
+    text, message = LIST_ERRORS[case]
+    path = tmp_path / "list.tsv"
+    path.write_text(text)
+    with pytest.raises(ClipListError, match=message):
+        read_clip_list(path, tmp_path)
+    result = CliRunner().invoke(app, ["features", "--tsv", str(path), "--video-root", str(tmp_path),
+                                      "--out", str(tmp_path / "out"), "--profile", "tiny"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and message.split(":")[0] in result.output
 
 
 def test_mmaudio_id_label_schema_and_same_file_segments(tmp_path):
