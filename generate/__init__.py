@@ -1,1 +1,1 @@
-"""Using a fine-tune: export (and, to come, generation and evaluation)."""
+"""Using a fine-tune: generation (wav and mp4), evaluation and its report, export of the merged checkpoint."""

@@ -78,7 +78,7 @@ class Prepared:
 
 
 @dataclass
-class Summary:
+class GenerationSummary:
     out: Path
     variant: str
     written: list[Path] = field(default_factory=list)
@@ -233,7 +233,7 @@ def _open_stored(job: GenerateJob, network):
                                                    FeatureDims(config.clip_dim, config.sync_dim, config.text_dim)))
 
 
-def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
+def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     from tqdm import tqdm
 
     from shared.device import resolve_device
@@ -254,7 +254,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> Summary:
         check_weights(job.source, variant, encoders_needed)
     network.to(device)
     mode = network.config.mode
-    summary = Summary(out, variant)
+    summary = GenerationSummary(out, variant)
     stored = _open_stored(job, network)
     encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device, job.sampling.precision)
     decoder = AudioDecoder(mode, job.source.profile, job.source.weights_dir, device)
@@ -299,7 +299,7 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
 
 
 def _write(request: Request, audio: torch.Tensor, rate: int, out: Path, write_video: bool,
-           summary: Summary) -> None:
+           summary: GenerationSummary) -> None:
     """The wav, then the mp4; a clip whose mp4 cannot be written is reported, the others go on."""
     from shared.media import write_video_with_audio, write_wav
 

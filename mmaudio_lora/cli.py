@@ -143,7 +143,7 @@ def features(
                      weights_dir=weights_dir, allow_symlinks=allow_symlinks, precision=precision)
     with user_errors():
         summary = run_features(job)
-    if not summary.writer:
+    if not summary.main_process:
         return
     if summary.up_to_date:
         typer.echo(f"{out}: up to date ({summary.clips} clips, {len(summary.skipped)} skipped), "
@@ -198,7 +198,7 @@ def train_command(
             if value is not None:
                 setattr(settings, key, value)
         result = train(settings, resume=resume, overwrite=overwrite)
-    if not result.writer:
+    if not result.main_process:
         return
     resumed = f" (now at step {result.steps})" if result.steps != result.steps_this_run else ""
     typer.echo(f"trained {result.steps_this_run} steps{resumed} in {result.seconds:.0f} s; LoRA parameters "

@@ -62,7 +62,7 @@ class Item:
 
 
 @dataclass
-class Summary:
+class FeatureSummary:
     out: Path
     clips: int = 0
     up_to_date: bool = False
@@ -73,7 +73,7 @@ class Summary:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     models_loaded: list[str] = field(default_factory=list)
-    writer: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
+    main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
     @property
     def encoding_seconds(self) -> float:
@@ -134,7 +134,7 @@ def _entries(items: list[Item]) -> list[list[str]]:
     return [[item.clip.id, item.clip.caption, item.media_key, item.text_key] for item in items]
 
 
-def run_features(job: FeatureJob, show_progress: bool = True) -> Summary:
+def run_features(job: FeatureJob, show_progress: bool = True) -> FeatureSummary:
     """Bring `job.out` up to date with the list; refuses an output folder that is not ours."""
     check_precision(job.precision)
     out = check_output_folder(job.out, MANIFEST_NAME, "features", protected=(Path(job.video_root), Path(job.tsv)))
@@ -157,106 +157,126 @@ def weight_identity(profile: str, mode: str, weights_dir: str | os.PathLike | No
     return identity
 
 
-def _run_locked(job: FeatureJob, show_progress: bool) -> Summary:
+def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
+    """Plan → (nothing changed: done) → encode what is missing → assemble and swap in the output."""
     started = time.perf_counter()
-    out = job.out
-    recover(out)
+    recover(job.out)
     weights = weight_identity(job.profile, job.mode, job.weights_dir)
     items = plan(job, weights)
-    summary = Summary(out=out, clips=len(items))
-    previous = read_manifest(out)
-    if previous is not None and previous.get("entries") == _entries(items) and previous.get("weights") == weights:
-        summary.up_to_date = True
-        summary.skipped = previous.get("skipped", [])
-        summary.seconds = time.perf_counter() - started
-        return summary
-    return _encode_and_write(job, items, weights, previous, summary, started, show_progress)
+    manifest = read_manifest(job.out)
+    if manifest is not None and manifest.get("entries") == _entries(items) and manifest.get("weights") == weights:
+        return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=manifest.get("skipped", []),
+                       seconds=time.perf_counter() - started)
 
-
-def _encode_and_write(job: FeatureJob, items: list[Item], weights: dict, previous: dict | None,
-                      summary: Summary, started: float, show_progress: bool) -> Summary:
-    import torch
-
-    from shared.distributed import Ranks
-    from precompute.encode import EncoderSettings, FeatureEncoder
     from shared.device import resolve_device
+    from shared.distributed import Ranks
 
-    out = Path(job.out)
     ranks = Ranks.from_environment(job.device)
     device = ranks.device if ranks.device is not None else resolve_device(job.device)
-    cache = WorkCache(out)
-    old_rows = load_rows(out) if previous else None
-    old_media = {e[2]: i for i, e in enumerate(previous.get("rows", []))} if old_rows is not None else {}
-    old_text = {e[3]: i for i, e in enumerate(previous.get("rows", []))} if old_rows is not None else {}
+    previous = PreviousOutput.read(job.out, manifest)
+    cache = WorkCache(job.out)
+    encoded = _encode_missing(job, items, previous, cache, ranks, device, show_progress)
+    summary = FeatureSummary(out=job.out, clips=len(items), encoded_media=encoded.media, encoded_text=encoded.text,
+                      timings=encoded.timings, models_loaded=encoded.models, main_process=ranks.is_main)
+    if ranks.is_main:
+        written = time.perf_counter()
+        summary.skipped, summary.padded = _assemble(job, items, weights, previous, cache)
+        summary.timings["write"] = time.perf_counter() - written
+    summary.seconds = time.perf_counter() - started
+    return summary
 
-    media_todo = _unique([i for i in items if i.media_key not in old_media and not cache.has("media", i.media_key)
-                          and cache.skip_reason(i.media_key) is None], "media_key")
-    text_todo = _unique([i for i in items if i.text_key not in old_text and not cache.has("text", i.text_key)],
-                        "text_key")
-    ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
-    encoder = FeatureEncoder(EncoderSettings(job.profile, job.mode, str(device),
-                                             str(job.weights_dir) if job.weights_dir else None, job.precision))
-    summary.encoded_media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
-    summary.encoded_text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
-    # These collectives also wait for every rank to finish encoding before rank 0 assembles.
-    summary.encoded_media = ranks.total(summary.encoded_media)
-    summary.encoded_text = ranks.total(summary.encoded_text)
-    summary.timings = dict(encoder.seconds)
-    summary.models_loaded = encoder.loaded_models
-    if not ranks.is_writer:
-        summary.writer = False
-        summary.seconds = time.perf_counter() - started
-        return summary
 
-    written_started = time.perf_counter()
-    kept, skipped_lines = [], []
-    for item in items:
-        reason = None if item.media_key in old_media else cache.skip_reason(item.media_key)
-        if reason is None:
-            kept.append(item)
-        else:
-            skipped_lines.append(f"row {item.clip.row} ({item.clip.id}): {item.clip.video}: {reason}")
-    for line in skipped_lines:
-        log.warning("skipped %s", line)
-    if job.strict and skipped_lines:
-        raise StrictModeError(f"{len(skipped_lines)} clip(s) skipped and --strict is set; the previous output "
-                              f"is unchanged. First: {skipped_lines[0]}")
-    if not kept:
-        raise StrictModeError("no clip could be encoded; the previous output is unchanged")
+@dataclass
+class PreviousOutput:
+    """The output of an earlier run, where its features can be reused from: rows by fingerprint."""
+    rows: object | None = None  # its memmap (TensorDict), or None
+    media_row: dict[str, int] = field(default_factory=dict)  # media key → row
+    text_row: dict[str, int] = field(default_factory=dict)  # text key → row
 
-    def fetch(index: int) -> dict[str, torch.Tensor]:
-        item = kept[index]
-        if item.media_key in old_media:
-            media = {k: old_rows[k][old_media[item.media_key]] for k in MEDIA_KEYS}
+    @classmethod
+    def read(cls, out: Path, manifest: dict | None) -> "PreviousOutput":
+        rows = load_rows(out) if manifest else None
+        if rows is None:
+            return cls()
+        entries = manifest.get("rows", [])
+        return cls(rows, {e[2]: i for i, e in enumerate(entries)}, {e[3]: i for i, e in enumerate(entries)})
+
+    def features(self, item: Item, cache: WorkCache) -> dict:
+        """One clip's tensors: from this output where its fingerprints match, else from the work folder."""
+        if item.media_key in self.media_row:
+            media = {k: self.rows[k][self.media_row[item.media_key]] for k in MEDIA_KEYS}
         else:
             media = cache.get("media", item.media_key)
-        if item.text_key in old_text:
-            text = old_rows[TEXT_KEY][old_text[item.text_key]]
+        if item.text_key in self.text_row:
+            text = self.rows[TEXT_KEY][self.text_row[item.text_key]]
         else:
             text = cache.get("text", item.text_key)[TEXT_KEY]
         return dict(media, **{TEXT_KEY: text})
 
+
+@dataclass
+class Encoded:
+    media: int  # clips whose video and audio were encoded now (all ranks)
+    text: int  # captions encoded now
+    timings: dict[str, float]
+    models: list[str]
+
+
+def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput, cache: WorkCache, ranks,
+                    device, show_progress: bool) -> Encoded:
+    """Encode what neither the previous output nor the work folder holds; each rank its share."""
+    from precompute.encode import EncoderSettings, FeatureEncoder
+
+    media_todo = _unique([i for i in items if i.media_key not in previous.media_row
+                          and not cache.has("media", i.media_key) and cache.skip_reason(i.media_key) is None],
+                         "media_key")
+    text_todo = _unique([i for i in items if i.text_key not in previous.text_row and not cache.has("text", i.text_key)],
+                        "text_key")
+    ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
+    encoder = FeatureEncoder(EncoderSettings(job.profile, job.mode, str(device),
+                                             str(job.weights_dir) if job.weights_dir else None, job.precision))
+    media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
+    text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
+    # These collectives also wait for every rank to finish encoding before rank 0 assembles.
+    return Encoded(ranks.total(media), ranks.total(text), dict(encoder.seconds), encoder.loaded_models)
+
+
+def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: PreviousOutput,
+              cache: WorkCache) -> tuple[list[str], int]:
+    """Write the new output (kept clips, manifest, skip report) and swap it in: (skip lines, padded clips)."""
     from shared import __version__
 
-    shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
+    kept, skipped = [], []
+    for item in items:
+        reason = None if item.media_key in previous.media_row else cache.skip_reason(item.media_key)
+        if reason is None:
+            kept.append(item)
+        else:
+            skipped.append(f"row {item.clip.row} ({item.clip.id}): {item.clip.video}: {reason}")
+    for line in skipped:
+        log.warning("skipped %s", line)
+    if job.strict and skipped:
+        raise StrictModeError(f"{len(skipped)} clip(s) skipped and --strict is set; the previous output "
+                              f"is unchanged. First: {skipped[0]}")
+    if not kept:
+        raise StrictModeError("no clip could be encoded; the previous output is unchanged")
+
+    def fetch(index: int) -> dict:
+        return previous.features(kept[index], cache)
 
     manifest = {
         "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
         "profile": job.profile, "mode": job.mode, "window_sec": job.window_sec, "weights": weights,
-        "entries": _entries(items), "rows": _entries(kept), "skipped": skipped_lines,
+        "entries": _entries(items), "rows": _entries(kept), "skipped": skipped,
         "clips": [{"id": i.clip.id, "row": i.clip.row, "video": str(i.clip.video), "start_sec": i.clip.start_sec,
                    "end_sec": i.clip.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
     }
-
-    write_output(out, [{"id": i.clip.id, "label": i.clip.caption} for i in kept], shapes, fetch,
-                 manifest, skipped_lines)
+    shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
+    write_output(job.out, [{"id": i.clip.id, "label": i.clip.caption} for i in kept], shapes, fetch, manifest,
+                 skipped)
     cache.clear()
-    durations = load_rows(out)["duration_sec"]
-    summary.padded = int((durations < job.window_sec - 1e-3).sum())
-    summary.skipped = skipped_lines
-    summary.timings["write"] = time.perf_counter() - written_started
-    summary.seconds = time.perf_counter() - started
-    return summary
+    durations = load_rows(job.out)["duration_sec"]
+    return skipped, int((durations < job.window_sec - 1e-3).sum())
 
 
 def _unique(items: list[Item], key: str) -> list[Item]:

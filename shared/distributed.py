@@ -63,5 +63,6 @@ class Ranks:
         return self._sum(value, torch.float64) / self.world_size if self.grouped else value
 
     @property
-    def is_writer(self) -> bool:
+    def is_main(self) -> bool:
+        """Rank 0: it writes the results and reports; the others only compute."""
         return self.rank == 0

@@ -50,7 +50,7 @@ class RunResult:
     best_step: int | None  # when the best validation loss was measured
     stopped_early: bool  # early stopping ended the run before `steps`
     seconds: float
-    writer: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
+    main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
 
 def _feature_latent_dim(folder: str) -> int | None:
@@ -81,7 +81,7 @@ def cut_to_length(batch: dict[str, torch.Tensor], seq: SequenceConfig) -> dict[s
 class Trainer:
     def __init__(self, config: TrainConfig, run: Path, ranks: Ranks, device: torch.device):
         self.config, self.run, self.ranks, self.device = config, run, ranks, device
-        self.writer = ranks.is_writer
+        self.main_process = ranks.is_main
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -187,7 +187,7 @@ class Trainer:
     def record_validation(self, val_loss: float) -> None:
         if self.best_val is None or val_loss < self.best_val:
             self.best_val, self.best_step, self.stale_validations = val_loss, self.step, 0
-            if self.writer:
+            if self.main_process:
                 save_adapter(self.model, self.run / "best" / "adapter", self.info, self.card())
                 atomic_write_text(self.run / "best" / "step.json", json.dumps({"step": self.step, "val_loss": val_loss}))
         else:
@@ -200,7 +200,7 @@ class Trainer:
                           0 if self.val_set is None else len(self.val_set), self.step, self.best_val, self.best_step)
 
     def save_checkpoint(self) -> None:
-        if not self.writer:
+        if not self.main_process:
             return
         folder = self.run / "checkpoints" / f"step-{self.step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -247,8 +247,8 @@ class Trainer:
         from tqdm import tqdm
 
         config, first_step = self.config, self.step
-        metrics = MetricsLog(self.run, self.step) if self.writer else None
-        samples = self._sample_writer() if config.sample_every and self.writer else None
+        metrics = MetricsLog(self.run, self.step) if self.main_process else None
+        samples = self._training_samples() if config.sample_every and self.main_process else None
         self.model.train()
         last_loss, stopped = math.nan, False
         with tqdm(total=config.steps, initial=self.step, desc="training", unit="step",
@@ -269,13 +269,13 @@ class Trainer:
                     metrics.write(record)
                 if samples is not None and (self.step % config.sample_every == 0 or last or stopped):
                     self.model.eval()
-                    samples.write(self.network, self.step, metrics.writer)
+                    samples.write(self.network, self.step, metrics.tensorboard)
                     self.model.train()
                 if self.step % config.checkpoint_every == 0 or last or stopped:
                     self.save_checkpoint()
                     self.ranks.barrier()
         use_duration(self.network, self.window)
-        if self.writer:
+        if self.main_process:
             self._write_final_adapter(stopped)
             metrics.close()
         return self.step - first_step, last_loss, stopped
@@ -291,13 +291,13 @@ class Trainer:
         else:
             save_adapter(self.model, final, self.info, self.card())
 
-    def _sample_writer(self):
+    def _training_samples(self):
         from shared.synthesis import AudioDecoder, SamplingSettings
-        from train.samples import SampleWriter
+        from train.samples import TrainingSamples
 
         config = self.config
         sample_set = self.val_set if self.val_set is not None else self.train_set
-        return SampleWriter(self.run, sample_set.subset(list(range(min(config.sample_clips, len(sample_set))))),
+        return TrainingSamples(self.run, sample_set.subset(list(range(min(config.sample_clips, len(sample_set))))),
                             AudioDecoder(self.mode, config.profile, config.weights_dir, self.device),
                             SamplingSettings(config.sample_steps, config.sample_cfg, config.seed, config.precision))
 
@@ -308,7 +308,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     config.validate()
     started = time.perf_counter()
     ranks = Ranks.from_environment(config.device)
-    run = prepare_run_folder(Path(config.run), config.features, resume, overwrite, ranks.is_writer)
+    run = prepare_run_folder(Path(config.run), config.features, resume, overwrite, ranks.is_main)
     ranks.barrier()
     run.mkdir(parents=True, exist_ok=True)
     device = ranks.device if ranks.device is not None else resolve_device(config.device)
@@ -317,8 +317,8 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     trainer = Trainer(config, run, ranks, device)
     if resume:
         trainer.resume()
-    if ranks.is_writer:
+    if ranks.is_main:
         config.save(run / CONFIG_FILE)
     trained, last_loss, stopped = trainer.fit(show_progress)
     return RunResult(run, trainer.step, trained, trainer.trainable, trainer.total, last_loss, trainer.best_val,
-                     trainer.best_step, stopped, time.perf_counter() - started, ranks.is_writer)
+                     trainer.best_step, stopped, time.perf_counter() - started, ranks.is_main)

@@ -64,7 +64,7 @@ def newest_readable_checkpoint(run: Path) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def prepare_run_folder(run: Path, features: list[str], resume: bool, overwrite: bool, is_writer: bool) -> Path:
+def prepare_run_folder(run: Path, features: list[str], resume: bool, overwrite: bool, is_main: bool) -> Path:
     """The run folder, checked: new, empty, or a run of ours (continued only with --resume,
     replaced whole only with --overwrite); anything else is refused before any work."""
     run = check_output_folder(run, CONFIG_FILE, "training run", protected=tuple(Path(f) for f in features))
@@ -72,7 +72,7 @@ def prepare_run_folder(run: Path, features: list[str], resume: bool, overwrite: 
     if holds_run and not resume and not overwrite:
         raise UserError(f"{run}: already holds a training run; pass --resume to continue it "
                         "or --overwrite to replace it")
-    if holds_run and overwrite and not resume and is_writer:
+    if holds_run and overwrite and not resume and is_main:
         shutil.rmtree(run)
     return run
 
@@ -88,18 +88,18 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
+            self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:
-            self.writer = None
+            self.tensorboard = None
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
+        if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -16,7 +16,7 @@ from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 log = logging.getLogger(__name__)
 
 
-class SampleWriter:
+class TrainingSamples:
     def __init__(self, run: Path, clips: FeatureSet, decoder: AudioDecoder, settings: SamplingSettings):
         self.folder = Path(run) / "samples"
         self.clips = clips
