@@ -28,7 +28,7 @@ from shared.feature_files import MANIFEST_NAME
 from shared.features import FeatureSet, data_dim, feature_labels, split
 from shared.flow import valid_frames, validation_loss
 from shared.lora import merge_adapter
-from shared.outputs import atomic_write_text
+from shared.outputs import OutputError, atomic_write_text
 from shared.sequence import SequenceConfig
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 
@@ -157,6 +157,19 @@ def kept_adapters(run: Path) -> dict[str, Path]:
     return adapters
 
 
+def check_evaluation_target(out: Path) -> Path:
+    """The JSON to write: a new file, or an earlier evaluation of ours; anything else is refused."""
+    out = Path(out)
+    if out.exists():
+        try:
+            ours = out.is_file() and "val_flow_loss" in json.loads(out.read_text())
+        except (ValueError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"{out}: a file mmaudio-lora did not write is in the way; choose another --out")
+    return out
+
+
 def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = None,
              sampling: SamplingSettings = SamplingSettings(), lora_scales: tuple[float, ...] = (1.0,),
              batch_size: int = 4, device: str = "auto", profile: str | None = None, checkpoint: str | None = None,
@@ -171,6 +184,7 @@ def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = No
         raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
     started = time.perf_counter()
     run = Path(run)
+    out = check_evaluation_target(Path(out) if out is not None else run / "evaluation.json")
     source = resolve_source(run=run, profile=profile, checkpoint=checkpoint,
                             weights_dir=str(weights_dir) if weights_dir else None)
     compute = resolve_device(device)
@@ -216,8 +230,7 @@ def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = No
                      {name: outputs[name][1] for name in MODELS}, decoder, _source_videos(clips, folders),
                      {k: v for folder in folders for k, v in feature_labels(folder).items()})
     result.seconds = time.perf_counter() - started
-    atomic_write_text(Path(out) if out is not None else run / "evaluation.json",
-                      json.dumps(asdict(result), indent=2) + "\n")
+    atomic_write_text(out, json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 

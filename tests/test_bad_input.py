@@ -160,6 +160,13 @@ def test_generate_and_export_refuse_paths_they_did_not_write(tmp_path):
     with pytest.raises(OutputError, match="not a file"):
         check_export_target(foreign)
     assert (tmp_path / "model.pth").read_bytes() == b"user's"
+    from generate.evaluate import check_evaluation_target
+
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(OutputError, match="did not write"):
+        check_evaluation_target(tmp_path / "notes.json")
+    (tmp_path / "evaluation.json").write_text('{"val_flow_loss": {"base": 1.0}}')
+    assert check_evaluation_target(tmp_path / "evaluation.json") == tmp_path / "evaluation.json"
 
 
 # -- odd media ------------------------------------------------------------------------------------
