@@ -147,7 +147,6 @@ def precision(check: Check) -> None:
               torch.randn(2, 77, c.text_dim, generator=generator), torch.rand(2, generator=generator)]
     inputs = [x.to(device) for x in inputs]
     compare(f"network {VARIANT}", lambda: net(*inputs))
-    del net
 
     clip = build_clip(check.profile)
     filled(clip.model, check.fill)
@@ -155,17 +154,14 @@ def precision(check: Check) -> None:
     frames = torch.rand(8, 3, 384, 384, generator=generator).to(device)
     compare("CLIP frames", lambda: clip.encode_frames(frames))
     compare("CLIP text", lambda: clip.encode_text(["rain on a tin roof", "a dog barks twice"]))
-    del clip
 
     synchformer = filled(build_synchformer(check.profile), check.fill).to(device).eval()
     sync_frames = (torch.rand(1, 16, 3, 224, 224, generator=generator) * 2 - 1).to(device)
     compare("Synchformer", lambda: encode_sync_frames(synchformer, sync_frames))
-    del synchformer
 
     vae = filled(build_vae("44k", check.profile), check.fill).to(device).eval()
     mel = torch.randn(1, vae.config.mel_bins, 64, generator=generator).to(device)
     compare("VAE 44k encode", lambda: vae.encode(mel)[0], kept)
-    del vae
 
     generator_module = vocoder_generator(check)
     with tempfile.TemporaryDirectory() as folder:

@@ -4,7 +4,6 @@ Media are made here with PyAV, small and fast; every command runs on real files.
 """
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from helpers import relative_error
 from shared.mel import build_mel_converter
 from shared.synchformer import build_synchformer, load_synchformer, sync_windows
-from shared.vae import build_vae, load_vae, mp_normalize
+from shared.vae import build_vae, mp_normalize
 from shared.vocoder import build_vocoder, load_vocoder
 
 # The reference README's bound. Measured float32 spread against the goldens: mel 1.8e-5, VAE 2.2e-6,

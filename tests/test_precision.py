@@ -3,9 +3,7 @@ work under NCCL. What a GPU would hit first (dtype mismatches, slow fallbacks) s
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
