@@ -13,7 +13,6 @@ TSV ?= data/segmented_clips.tsv
 VIDEOS ?= data/segmented_videos
 FEATURES ?= data/features/train
 VARIANT ?= large_44k_v2
-MODE ?= 44k
 CHECKPOINT ?= data/weights/mmaudio_$(VARIANT).pth
 RUN ?= data/runs/$(VARIANT)
 STEPS ?= 2000
@@ -46,7 +45,7 @@ demo: $(STAMP)
 # Always asks the command: it decides what changed (list, videos, settings, weights) and answers
 # "up to date" in a fraction of a second, without loading torch, when nothing did.
 features: $(STAMP)
-	$(BIN)/mmaudio-lora features --tsv $(TSV) --video-root $(VIDEOS) --out $(FEATURES) --mode $(MODE)
+	$(BIN)/mmaudio-lora features --tsv $(TSV) --video-root $(VIDEOS) --out $(FEATURES) --variant $(VARIANT)
 
 train: $(STAMP)
 	$(BIN)/mmaudio-lora train --features $(FEATURES) --run $(RUN) --checkpoint $(CHECKPOINT) \

@@ -21,10 +21,10 @@ import torch
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from shared.device import resolve_device
 from shared.lora import add_lora, lora_config
 from shared.network import build_network
 from shared.profiles import fill_deterministically, network_config
+from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_latents
 from train.config import DEFAULT_TARGETS
 
@@ -38,7 +38,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_sampling(network, batch: int, settings: SamplingSettings, device: torch.device, repeats: int) -> float:
+def time_sampling(runtime: Runtime, network, batch: int, settings: SamplingSettings, repeats: int) -> float:
     """Seconds per call of sample_latents for `batch` clips (after one warm-up call)."""
     config = network.config
     g = torch.Generator().manual_seed(0)
@@ -48,8 +48,8 @@ def time_sampling(network, batch: int, settings: SamplingSettings, device: torch
     times = []
     for repeat in range(repeats + 1):
         start = time.perf_counter()
-        sample_latents(network, clip, sync, text, settings)
-        _synchronize(device)
+        sample_latents(runtime, network, clip, sync, text, settings)
+        _synchronize(runtime.torch_device)
         if repeat:
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
@@ -63,8 +63,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = resolve_device(args.device)
     variant, profile = _profile(args.variant)
+    runtime = Runtime(variant=variant, profile=profile, device=args.device)
+    device = runtime.torch_device
     settings = SamplingSettings(steps=args.steps)
 
     base = fill_deterministically(build_network(None, **asdict(network_config(variant, profile)))).eval()
@@ -78,12 +79,12 @@ def main() -> None:
     timings = {}
     for name, network in (("base", base), ("peft layers", unmerged), ("merged", merged)):
         network.to(device)
-        timings[name] = time_sampling(network, 1, settings, device, args.repeats)
+        timings[name] = time_sampling(runtime, network, 1, settings, args.repeats)
         network.to("cpu")
     merged.to(device)
-    batched = time_sampling(merged, args.batch_size, settings, device, args.repeats) / args.batch_size
+    batched = time_sampling(runtime, merged, args.batch_size, settings, args.repeats) / args.batch_size
 
-    decoder = AudioDecoder(merged.config.mode, profile, device=device)
+    decoder = AudioDecoder(runtime)
     latents = torch.randn(args.batch_size, merged.latent_seq_len, merged.config.latent_dim)
     decoder.waveform(latents)  # loads and warms up
     start = time.perf_counter()

@@ -60,6 +60,12 @@ class Check:
     def profile(self) -> str:
         return "tiny" if self.smoke else "real"
 
+    def runtime(self, mode: str = "44k"):
+        """The runtime of the user's commands on this machine: official-layout files in the workdir."""
+        from shared.runtime import Runtime
+
+        return Runtime(mode=mode, profile=self.profile, weights_dir=self.workdir / "weights", device=str(self.device))
+
     def row(self, section: str, metric: str, value, goal: str = "") -> None:
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         self.table.append((section, metric, text, goal))
@@ -228,9 +234,8 @@ def precompute(check: Check) -> None:
 
     tsv, videos = clip_list(check)
     check.reset_peak()
-    job = FeatureJob(tsv=tsv, video_root=videos, out=check.workdir / "features-bench", profile=check.profile,
-                     mode="44k", device=str(check.device), batch_size=8, weights_dir=check.workdir / "weights",
-                     allow_symlinks=True)
+    job = FeatureJob(tsv=tsv, video_root=videos, out=check.workdir / "features-bench", runtime=check.runtime(),
+                     batch_size=8, allow_symlinks=True)
     summary = run_features(job, show_progress=False)
     encode = summary.encoding_seconds
     loading = summary.timings.get("load models", 0.0)
@@ -312,22 +317,22 @@ def training(check: Check) -> None:
 
 
 def generation(check: Check) -> None:
-    from shared.sequence import SequenceConfig
     from shared.synthesis import AudioDecoder, SamplingSettings, sample_latents
 
     net = network(check).to(check.device).eval()
-    seq, c, g = SequenceConfig(net.config.mode), net.config, torch.Generator().manual_seed(0)
+    runtime = check.runtime(net.config.mode)
+    seq, c, g = runtime.sequence(), net.config, torch.Generator().manual_seed(0)
     clip = torch.randn(1, seq.clip_seq_len, c.clip_dim, generator=g)
     sync = torch.randn(1, seq.sync_seq_len, c.sync_dim, generator=g)
     text = torch.randn(1, 77, c.text_dim, generator=g)
     settings = SamplingSettings(steps=25, cfg_strength=4.5)
-    sample_latents(net, clip, sync, text, SamplingSettings(steps=2))  # warm-up
+    sample_latents(runtime, net, clip, sync, text, SamplingSettings(steps=2))  # warm-up
     check.synchronize()
     started = time.perf_counter()
-    latents = sample_latents(net, clip, sync, text, settings)
+    latents = sample_latents(runtime, net, clip, sync, text, settings)
     check.synchronize()
     check.row("generation", "8 s clip, 25 steps + CFG: sampling s", time.perf_counter() - started)
-    decoder = AudioDecoder("44k", check.profile, check.workdir / "weights", check.device)
+    decoder = AudioDecoder(runtime)
     decoder.waveform(latents)  # loads the VAE decoder and the vocoder
     check.synchronize()
     started = time.perf_counter()

@@ -24,6 +24,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 from shared.clips import read_clip_list
 from shared.media import load_segment, load_video
 from precompute.run import ENCODER_STAGES, FeatureJob, run_features
+from shared.runtime import Runtime
 from precompute.synthetic import ClipSpec, write_clip
 
 
@@ -122,8 +123,9 @@ def main() -> None:
         split: dict[str, float] = {}
         for clip in clips:
             load_segment(clip.video, clip.start_sec, clip.end_sec, mode=args.mode, timings=split)
-        job = FeatureJob(tsv=tsv, video_root=videos, out=scratch / "out", profile=args.profile, mode=args.mode,
-                         device=args.device, batch_size=args.batch_size, workers=0)
+        job = FeatureJob(tsv=tsv, video_root=videos, out=scratch / "out",
+                         runtime=Runtime(mode=args.mode, profile=args.profile, device=args.device),
+                         batch_size=args.batch_size, workers=0)
         summary = run_features(job, show_progress=False)
         started = time.perf_counter()
         noop = run_features(job, show_progress=False)

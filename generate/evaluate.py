@@ -14,22 +14,20 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from generate.model import load_model, resolve_source, run_settings
-from shared.device import mixed_precision
+from generate.model import ModelSource, resolve_source, run_settings
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
-from shared.features import FeatureSet, data_dim, feature_labels, split
+from shared.features import FeatureSet, feature_labels, split
 from shared.flow import valid_frames, validation_loss
 from shared.lora import merge_adapter
 from shared.outputs import OutputError, atomic_write_text
-from shared.sequence import SequenceConfig
+from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 
 MODELS = ("base", "tuned")
@@ -81,14 +79,15 @@ def change(base: float, tuned: float) -> str:
     return f"{100 * (tuned - base) / base:+.1f}%" if base else "n/a"
 
 
-def held_out_clips(run: Path, features: Path | None, ids: list[str], seq: SequenceConfig, dims) -> tuple[FeatureSet, str]:
+def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime) -> tuple[FeatureSet, str]:
     """`features` (all clips, or `ids`), else the run's own validation split."""
+    window = runtime.sequence().duration_sec
     if features is not None:
-        clips = FeatureSet.load([str(features)], data_dim(seq, dims), seq.duration_sec)
+        clips = FeatureSet.load([str(features)], runtime.data_dim(), window)
         where = str(features)
     else:
         settings = run_settings(run)
-        clips = FeatureSet.load(settings["features"], data_dim(seq, dims), seq.duration_sec)
+        clips = FeatureSet.load(settings["features"], runtime.data_dim(), window)
         _, val_index = split(clips.ids, settings["val_fraction"], settings["val_ids"])
         if not val_index:
             raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
@@ -112,7 +111,7 @@ def generate_clips(network, clips: FeatureSet, decoder: AudioDecoder, sampling: 
                    batch_size: int) -> dict[str, Generated]:
     """Per clip: generate at the clip's duration, decode both spectrograms, L1 over real frames."""
     generated: dict[str, Generated] = {}
-    for rows, seq, latents in sample_stored_clips(network, clips.tensors, sampling, batch_size):
+    for rows, seq, latents in sample_stored_clips(decoder.runtime, network, clips.tensors, sampling, batch_size):
         tensors = clips.batch(rows)
         mel = decoder.mel(latents)
         real = decoder.mel(tensors["a_mean"][:, :seq.latent_seq_len])
@@ -126,7 +125,7 @@ def generate_clips(network, clips: FeatureSet, decoder: AudioDecoder, sampling: 
 
 def real_mels(clips: FeatureSet, decoder: AudioDecoder, batch_size: int) -> dict[str, torch.Tensor]:
     """Each clip's real log-mel (bins, real frames), decoded from its stored latent."""
-    seq = SequenceConfig(decoder.mode)
+    seq = decoder.runtime.sequence()
     frames = 2 * valid_frames(clips.tensors["duration_sec"], seq)
     mels = {}
     for start in range(0, len(clips), batch_size):
@@ -137,11 +136,12 @@ def real_mels(clips: FeatureSet, decoder: AudioDecoder, batch_size: int) -> dict
     return mels
 
 
-def _flow_loss(network, clips: FeatureSet, seq: SequenceConfig, device, precision: str, batch_size: int) -> float:
+def _flow_loss(runtime: Runtime, network, clips: FeatureSet, batch_size: int) -> float:
+    device = runtime.torch_device
     batches = ({k: v.to(device) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
                for i in range(0, len(clips), batch_size))
-    with mixed_precision(device, precision):
-        return validation_loss(network, batches, seq)
+    with runtime.autocast():
+        return validation_loss(network, batches, runtime.sequence())
 
 
 def kept_adapters(run: Path) -> dict[str, Path]:
@@ -170,36 +170,30 @@ def check_evaluation_target(out: Path) -> Path:
     return out
 
 
-def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = None,
+def evaluate(run: Path, source: ModelSource | None = None, features: Path | None = None, ids: list[str] | None = None,
              sampling: SamplingSettings = SamplingSettings(), lora_scales: tuple[float, ...] = (1.0,),
-             batch_size: int = 4, device: str = "auto", profile: str | None = None, checkpoint: str | None = None,
-             weights_dir: str | os.PathLike | None = None, out: Path | None = None, checkpoints: bool = False,
+             batch_size: int = 4, out: Path | None = None, checkpoints: bool = False,
              report: bool = True) -> Evaluation:
     """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)
-    and the report (RUN/evaluation/index.html)."""
-    from shared.device import resolve_device
-    from shared.profiles import FeatureDims
-
+    and the report (RUN/evaluation/index.html). `source`: the run's runtime and adapter, by default
+    as the run recorded them."""
     if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
         raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
     started = time.perf_counter()
     run = Path(run)
     out = check_evaluation_target(Path(out) if out is not None else run / "evaluation.json")
-    source = resolve_source(run=run, profile=profile, checkpoint=checkpoint,
-                            weights_dir=str(weights_dir) if weights_dir else None)
-    compute = resolve_device(device)
-    base, variant = load_model(replace(source, adapter=None))
-    config = base.config
-    seq = SequenceConfig(config.mode)
-    clips, where = held_out_clips(run, features, ids or [], seq,
-                                  FeatureDims(config.clip_dim, config.sync_dim, config.text_dim))
-    decoder = AudioDecoder(config.mode, source.profile, source.weights_dir, compute)
-    expected = {"variant": variant, "profile": source.profile}
+    source = source or resolve_source(run=run)
+    runtime = source.runtime
+    base = ModelSource(runtime).load()
+    variant = runtime.variant
+    clips, where = held_out_clips(run, features, ids or [], runtime)
+    decoder = AudioDecoder(runtime)
+    expected = {"variant": variant, "profile": runtime.profile}
     result = Evaluation(variant, where, list(clips.ids), asdict(sampling))
 
     def scored(network) -> tuple[float, dict[str, Generated]]:
-        network.to(compute)
-        loss = _flow_loss(network, clips, seq, compute, sampling.precision, batch_size)
+        network.to(runtime.torch_device)
+        loss = _flow_loss(runtime, network, clips, batch_size)
         generated = generate_clips(network, clips, decoder, sampling, batch_size)
         network.to("cpu")
         return loss, generated
@@ -220,8 +214,8 @@ def evaluate(run: Path, features: Path | None = None, ids: list[str] | None = No
             result.per_clip_mel_l1.setdefault(clip_id, {})[name] = clip.distance
     if checkpoints:
         for name, folder in kept_adapters(run).items():
-            network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(compute)
-            result.checkpoints[name] = _flow_loss(network, clips, seq, compute, sampling.precision, batch_size)
+            network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(runtime.torch_device)
+            result.checkpoints[name] = _flow_loss(runtime, network, clips, batch_size)
     if report:
         from generate.report import write_report
 

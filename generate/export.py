@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from generate.model import load_model, resolve_source
+from generate.model import ModelSource, resolve_source
 from shared.lora import AdapterError
 from shared.outputs import OutputError
 
@@ -19,27 +19,27 @@ class ExportResult:
     tensors: int
 
 
-def _official_dtypes(checkpoint: str | None, variant: str, weights_dir: str | None) -> dict[str, torch.dtype]:
+def _official_dtypes(runtime) -> dict[str, torch.dtype]:
     from shared.checkpoint import read_state_dict
     from shared.weights import NETWORK_WEIGHTS, require
 
-    path = checkpoint or require(NETWORK_WEIGHTS[variant], weights_dir)
+    path = runtime.checkpoint or require(NETWORK_WEIGHTS[runtime.variant], runtime.weights_dir)
     return {key: value.dtype for key, value in read_state_dict(path).items()}
 
 
-def merged_state_dict(run: Path, profile: str | None = None,
-                      checkpoint: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The base network's state dict with the run's LoRA merged in: the same keys, shapes, dtypes."""
-    source = resolve_source(run=run, profile=profile, checkpoint=checkpoint)
-    network, variant = load_model(source)
+def merged_state_dict(run: Path, source: ModelSource | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The base network's state dict with the run's LoRA merged in: the same keys, shapes, dtypes.
+    `source`: the run's runtime and adapter, by default as the run recorded them."""
+    source = source or resolve_source(run=run)
+    network = source.load()
+    runtime = source.runtime
     merged = network.state_dict()
     if any("lora" in key for key in merged):
         raise AdapterError(f"{run}: merging left LoRA tensors in the network; refusing to write a checkpoint")
     dtypes = {key: value.dtype for key, value in merged.items()}
-    if source.profile == "real":  # keep the official file's own dtypes
-        dtypes.update({k: v for k, v in _official_dtypes(source.checkpoint, variant, source.weights_dir).items()
-                       if k in dtypes})
-    return {key: value.detach().to(dtypes[key]).contiguous() for key, value in merged.items()}, variant
+    if runtime.profile == "real":  # keep the official file's own dtypes
+        dtypes.update({k: v for k, v in _official_dtypes(runtime).items() if k in dtypes})
+    return {key: value.detach().to(dtypes[key]).contiguous() for key, value in merged.items()}, runtime.variant
 
 
 EXPORT_MARKER = {"writer": "mmaudio-lora export"}  # in the .safetensors header: a file we may replace
@@ -73,12 +73,12 @@ def check_export_target(out: Path) -> tuple[Path, Path]:
     return out, companion
 
 
-def export_checkpoint(run: Path, out: Path, profile: str | None = None, checkpoint: str | None = None) -> ExportResult:
+def export_checkpoint(run: Path, out: Path, source: ModelSource | None = None) -> ExportResult:
     """Write `out` (.pth, a plain state dict) and the same tensors as `.safetensors` beside it."""
     from shared.checkpoint import save_state_dict
 
     out, companion = check_export_target(out)
-    state, variant = merged_state_dict(Path(run), profile, checkpoint)
+    state, variant = merged_state_dict(Path(run), source)
     save_state_dict(state, out)
     save_state_dict(state, companion, metadata=EXPORT_MARKER)
     return ExportResult(out, companion, variant, len(state))

@@ -1,24 +1,30 @@
-"""Which network to generate with: a base checkpoint, plus a run's or a folder's LoRA adapter."""
+"""Which network to generate with: a runtime's base network, plus a run's or a folder's LoRA adapter."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.lora import AdapterError, adapter_info, base_network, merge_adapter
+from shared.lora import AdapterError, adapter_info, merge_adapter
 from shared.network import MMAudio
+from shared.runtime import Runtime
 
 RUN_CONFIG = "config.json"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelSource:
-    profile: str = "real"
-    checkpoint: str | None = None  # base network file; real profile (default: the variant's official file)
-    variant: str | None = None
+    runtime: Runtime = field(default_factory=Runtime)  # the base network (variant, checkpoint) and the rest
     adapter: Path | None = None  # None: the base model
-    weights_dir: str | None = None
+
+    def load(self, lora_scale: float = 1.0) -> MMAudio:
+        """The base network with the adapter merged in at `lora_scale` (on the CPU, eval mode)."""
+        network = self.runtime.network()
+        if self.adapter is not None:
+            network = merge_adapter(network, self.adapter, lora_scale,
+                                    expected={"variant": self.runtime.variant, "profile": self.runtime.profile})
+        return network.eval()
 
 
 def run_settings(run: str | Path) -> dict:
@@ -38,8 +44,8 @@ def _enclosing_run(adapter: Path) -> dict:
 
 
 def resolve_source(run: Path | None = None, adapter: Path | None = None, profile: str | None = None,
-                   checkpoint: str | None = None, variant: str | None = None,
-                   weights_dir: str | None = None) -> ModelSource:
+                   checkpoint: str | None = None, variant: str | None = None, weights_dir: str | None = None,
+                   device: str = "auto", precision: str = "auto") -> ModelSource:
     """Explicit options win; then the run's settings; then what the adapter recorded."""
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both")
@@ -54,20 +60,8 @@ def resolve_source(run: Path | None = None, adapter: Path | None = None, profile
     else:
         settings = {}
     recorded = adapter_info(adapter) if adapter is not None and adapter.is_dir() else {}
-    return ModelSource(
-        profile=profile or settings.get("profile") or recorded.get("profile") or "real",
-        checkpoint=checkpoint or settings.get("checkpoint"),
-        variant=variant or settings.get("variant") or recorded.get("variant"),
-        adapter=adapter,
-        weights_dir=weights_dir or settings.get("weights_dir"),
-    )
-
-
-def load_model(source: ModelSource, lora_scale: float = 1.0) -> tuple[MMAudio, str]:
-    """The network with the adapter merged in (on the CPU, eval mode) and its variant."""
-    network, variant = base_network(source.profile, source.checkpoint, source.variant,
-                                    weights_dir=source.weights_dir)
-    if source.adapter is not None:
-        network = merge_adapter(network, source.adapter, lora_scale,
-                                expected={"variant": variant, "profile": source.profile})
-    return network.eval(), variant
+    runtime = Runtime(variant=variant or settings.get("variant") or recorded.get("variant"),
+                      profile=profile or settings.get("profile") or recorded.get("profile") or "real",
+                      checkpoint=checkpoint or settings.get("checkpoint"),
+                      weights_dir=weights_dir or settings.get("weights_dir"), device=device, precision=precision)
+    return ModelSource(runtime, adapter)

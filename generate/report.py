@@ -168,14 +168,14 @@ def write_report(folder: Path, result, real: dict[str, torch.Tensor], generated:
     staging = folder.with_name(f".{folder.name}.tmp")
     for sub in ("audio", "images"):
         (staging / sub).mkdir(parents=True, exist_ok=True)
-    rate, hop = decoder.sampling_rate, decoder.seq.hop_length
+    rate, hop = decoder.sampling_rate, decoder.runtime.sequence().hop_length
     sections = []
     for clip_id in result.clips:
         mels = {"real (stored latent)": real[clip_id], "base": generated["base"][clip_id].mel,
                 "tuned": generated["tuned"][clip_id].mel}
         players = []
         for (label, mel), key in zip(mels.items(), ("real", "base", "tuned")):
-            audio = decoder.vocode(mel[None].to(decoder.device))[0]
+            audio = decoder.vocode(mel[None])[0]
             write_wav(staging / "audio" / f"{clip_id}_{key}.wav", audio, rate)
             players.append(f'<div><span>{label}</span><audio controls preload="none" '
                            f'src="audio/{html.escape(clip_id)}_{key}.wav"></audio></div>')

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from generate.model import ModelSource, load_model
-from shared.device import mixed_precision
+from generate.model import ModelSource
 from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
 from shared.outputs import claim_generated_folder
-from shared.sequence import DEFAULT_DURATION_SEC, SequenceConfig
+from shared.runtime import Runtime
+from shared.sequence import DEFAULT_DURATION_SEC
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
                               use_duration)
 
@@ -33,7 +33,7 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 @dataclass
 class GenerateJob:
     out: Path
-    source: ModelSource = field(default_factory=ModelSource)
+    source: ModelSource = field(default_factory=ModelSource)  # the runtime (device, precision too) and adapter
     videos: list[Path] = field(default_factory=list)  # files or folders of videos
     tsv: Path | None = None  # a clip list (as for `features`), with --video-root
     video_root: Path | None = None
@@ -45,7 +45,6 @@ class GenerateJob:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     lora_scale: float = 1.0
     batch_size: int = 4
-    device: str = "auto"
     write_video: bool = True
 
     def validate(self) -> None:
@@ -144,41 +143,28 @@ def collect_requests(job: GenerateJob) -> list[Request]:
 
 
 class VideoEncoders:
-    """CLIP (frames and text) and Synchformer, each loaded on first use."""
+    """The runtime's CLIP (frames and text) and Synchformer, for one clip at a time."""
 
-    def __init__(self, profile: str, weights_dir: str | None, device: torch.device, precision: str = "auto"):
-        self.profile, self.weights_dir, self.device, self.precision = profile, weights_dir, device, precision
-        self.models: dict[str, torch.nn.Module] = {}
-
-    def _get(self, name: str):
-        if name not in self.models:
-            if name == "clip":
-                from shared.clip import load_clip
-                self.models[name] = load_clip(self.profile, self.weights_dir, self.device)
-            else:
-                from shared.synchformer import load_synchformer
-                self.models[name] = load_synchformer(self.profile, self.weights_dir, self.device)
-        return self.models[name]
-
-    def _autocast(self):
-        return mixed_precision(self.device, self.precision)
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
     @torch.no_grad()
     def video(self, clip_frames: torch.Tensor, sync_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from shared.synchformer import encode_sync_frames
 
-        with self._autocast():
-            clip_features = self._get("clip").encode_frames(clip_frames.to(self.device))
-            sync_features = encode_sync_frames(self._get("synchformer"), sync_frames[None].to(self.device))[0]
+        device = self.runtime.torch_device
+        with self.runtime.autocast():
+            clip_features = self.runtime.clip().encode_frames(clip_frames.to(device))
+            sync_features = encode_sync_frames(self.runtime.synchformer(), sync_frames[None].to(device))[0]
         return clip_features.float().cpu(), sync_features.float().cpu()
 
     @torch.no_grad()
     def text(self, captions: list[str]) -> torch.Tensor:
-        with self._autocast():
-            return self._get("clip").encode_text(captions).float().cpu()
+        with self.runtime.autocast():
+            return self.runtime.clip().encode_text(captions).float().cpu()
 
 
-def _prepare(request: Request, job: GenerateJob, mode: str, encoders: VideoEncoders, stored) -> Prepared:
+def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored) -> Prepared:
     """Decode and encode one request's video (or read its stored features); raises MediaError."""
     if request.feature_row is not None:
         row = request.feature_row
@@ -199,7 +185,7 @@ def _prepare(request: Request, job: GenerateJob, mode: str, encoders: VideoEncod
     else:
         prepared = Prepared(request, job.duration or DEFAULT_DURATION_SEC, None, None, None)
     try:  # a duration the network or the features cannot serve
-        seq = SequenceConfig(mode, prepared.duration)
+        seq = encoders.runtime.sequence(prepared.duration)
         if prepared.clip_features is not None:
             crop_video_features(prepared.clip_features[None], prepared.sync_features[None], seq)
     except ValueError as error:
@@ -207,14 +193,15 @@ def _prepare(request: Request, job: GenerateJob, mode: str, encoders: VideoEncod
     return prepared
 
 
-def check_weights(source: ModelSource, variant: str, encoders_needed: bool) -> None:
+def check_weights(runtime: Runtime, encoders_needed: bool) -> None:
     """Fail before any work when a real weight file generation will need is missing (all named at once)."""
     from shared.weights import CLIP_WEIGHTS, NETWORK_WEIGHTS, SYNCHFORMER_WEIGHTS, MissingWeightsError, check_files
 
-    skip = {NETWORK_WEIGHTS[variant]} if source.checkpoint else set()
+    variant = runtime.variant
+    skip = {NETWORK_WEIGHTS[variant]} if runtime.checkpoint else set()
     if not encoders_needed:
         skip |= {CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS}
-    missing = [status.weight_file for status in check_files(variant, source.weights_dir)
+    missing = [status.weight_file for status in check_files(variant, runtime.weights_dir)
                if "generate" in status.commands and not status.found and status.weight_file not in skip]
     if missing:
         names = ", ".join(str(f.relative_path) for f in missing)
@@ -222,47 +209,42 @@ def check_weights(source: ModelSource, variant: str, encoders_needed: bool) -> N
                                   f"--variant {variant}` (or `mmaudio-lora doctor` to see where they go)")
 
 
-def _open_stored(job: GenerateJob, network):
+def _open_stored(job: GenerateJob):
     if job.features is None:
         return None
-    from shared.features import data_dim, open_feature_dir
-    from shared.profiles import FeatureDims
+    from shared.features import open_feature_dir
 
-    config = network.config
-    return open_feature_dir(job.features, data_dim(SequenceConfig(config.mode),
-                                                   FeatureDims(config.clip_dim, config.sync_dim, config.text_dim)))
+    return open_feature_dir(job.features, job.source.runtime.data_dim())
 
 
 def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     from tqdm import tqdm
-
-    from shared.device import resolve_device
 
     started = time.perf_counter()
     job.validate()
     requests = collect_requests(job)
     inputs = tuple(job.videos) + tuple(p for p in (job.tsv, job.features) if p is not None)
     out = claim_generated_folder(job.out, protected=inputs)
-    device = resolve_device(job.device)
-    if job.source.profile == "real":
-        encoders_needed = bool(job.negative_prompt) or any(
-            r.feature_row is None or job.prompt is not None for r in requests)
-        if job.source.variant:  # known before loading: check before the (slow) network load
-            check_weights(job.source, job.source.variant, encoders_needed)
-    network, variant = load_model(job.source, job.lora_scale)
-    if job.source.profile == "real" and not job.source.variant:
-        check_weights(job.source, variant, encoders_needed)
-    network.to(device)
-    mode = network.config.mode
-    summary = GenerationSummary(out, variant)
-    stored = _open_stored(job, network)
-    encoders = VideoEncoders(job.source.profile, job.source.weights_dir, device, job.sampling.precision)
-    decoder = AudioDecoder(mode, job.source.profile, job.source.weights_dir, device)
+    runtime = job.source.runtime
+    real = runtime.profile == "real"
+    encoders_needed = bool(job.negative_prompt) or any(r.feature_row is None or job.prompt is not None
+                                                       for r in requests)
+    if real and runtime.variant:  # known before loading: check before the (slow) network load
+        check_weights(runtime, encoders_needed)
+    inferred = runtime.variant is None
+    network = job.source.load(job.lora_scale)
+    if real and inferred:
+        check_weights(runtime, encoders_needed)
+    network.to(runtime.torch_device)
+    summary = GenerationSummary(out, runtime.variant)
+    stored = _open_stored(job)
+    encoders = VideoEncoders(runtime)
+    decoder = AudioDecoder(runtime)
 
     prepared: list[Prepared] = []
     for request in tqdm(requests, desc="reading inputs", unit="clip", disable=not show_progress):
         try:
-            prepared.append(_prepare(request, job, mode, encoders, stored))
+            prepared.append(_prepare(request, job, encoders, stored))
         except MediaError as error:
             summary.skipped.append(f"{request.video or request.name}: {error}")
     negative = encoders.text([job.negative_prompt]) if job.negative_prompt else None
@@ -273,7 +255,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
         audio = _generate_batch(members, job, network, encoders, decoder, negative)
         for member, samples in zip(members, audio):
             _write(member.request, samples, decoder.sampling_rate, out, job.write_video, summary)
-    summary.models_loaded = sorted(encoders.models) + decoder.loaded_models
+    summary.models_loaded = runtime.loaded_models
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -282,7 +264,7 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
                     decoder: AudioDecoder, negative: torch.Tensor | None) -> torch.Tensor:
     """Audio (B, samples at the clips' duration) for a batch of equal duration."""
     duration = batch[0].duration
-    seq = SequenceConfig(network.config.mode, duration)
+    seq = encoders.runtime.sequence(duration)
     use_duration(network, seq)
     if batch[0].clip_features is None:
         clip_features = network.get_empty_clip_sequence(len(batch)).detach().cpu()
@@ -294,7 +276,7 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
         text_features = torch.stack([p.text_features for p in batch])
     else:
         text_features = encoders.text([p.request.caption for p in batch])
-    latents = sample_latents(network, clip_features, sync_features, text_features, job.sampling, negative)
+    latents = sample_latents(encoders.runtime, network, clip_features, sync_features, text_features, job.sampling, negative)
     return decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
 
 

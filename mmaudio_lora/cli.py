@@ -73,7 +73,8 @@ def doctor(
     Exits non-zero when a needed file is missing.
     """
     from shared.device import cuda_status
-    from shared.weights import check_files, default_weights_dir, mode_of
+    from shared.sequence import mode_of
+    from shared.weights import check_files, default_weights_dir
 
     try:
         statuses = check_files(variant, weights_dir)
@@ -121,7 +122,9 @@ def features(
     out: Path = typer.Option(Path("data/features/train"), help="Output folder (replaced atomically); new, empty "
                              "or one that `features` wrote."),
     profile: str = typer.Option("real", help="real: official weights; tiny: small deterministic models (tests, demo)."),
-    mode: str = typer.Option("44k", help="Audio mode of the network you will train: 16k or 44k."),
+    variant: Optional[str] = typer.Option(None, help="The network variant you will train; it gives the audio "
+                                          "mode [default: large_44k_v2, 44k]. " + VARIANT_HELP),
+    mode: Optional[str] = typer.Option(None, help="The audio mode instead of a variant: 16k or 44k."),
     window: float = typer.Option(8.0, help="Model window in seconds; shorter clips are padded."),
     strict: bool = typer.Option(False, help="Fail (non-zero exit, output unchanged) when any clip is skipped."),
     split_long: bool = typer.Option(False, help="Cut clips longer than the window into consecutive windows "
@@ -137,12 +140,14 @@ def features(
 ) -> None:
     """Precompute training features (ExtractedVGG memmaps) for a list of clips; only what changed."""
     from precompute.run import FeatureJob, run_features
+    from shared.runtime import Runtime
 
-    job = FeatureJob(tsv=tsv, video_root=video_root, out=out, profile=profile, mode=mode, window_sec=window,
-                     strict=strict, split_long=split_long, device=device, batch_size=batch_size, workers=workers,
-                     weights_dir=weights_dir, allow_symlinks=allow_symlinks, precision=precision)
     with user_errors():
-        summary = run_features(job)
+        runtime = Runtime(variant=variant, mode=mode, profile=profile, weights_dir=weights_dir, device=device,
+                          precision=precision)
+        summary = run_features(FeatureJob(tsv=tsv, video_root=video_root, out=out, runtime=runtime,
+                                          window_sec=window, strict=strict, split_long=split_long,
+                                          batch_size=batch_size, workers=workers, allow_symlinks=allow_symlinks))
     if not summary.main_process:
         return
     if summary.up_to_date:
@@ -278,12 +283,11 @@ def generate(
     if sum([run is not None, adapter is not None, no_adapter]) != 1:
         raise typer.BadParameter("give exactly one of --run, --adapter or --no-adapter", param_hint="--run")
     with user_errors():
-        source = resolve_source(run, adapter, profile, str(checkpoint) if checkpoint else None, variant,
-                                str(weights_dir) if weights_dir else None)
+        source = resolve_source(run, adapter, profile, checkpoint, variant, weights_dir, device, precision)
         job = GenerateJob(out=out, source=source, videos=video, tsv=tsv, video_root=video_root, features=features,
                           ids=clip_id, prompt=prompt, negative_prompt=negative_prompt, duration=duration,
-                          sampling=SamplingSettings(steps, cfg, seed, precision), lora_scale=lora_scale,
-                          batch_size=batch_size, device=device, write_video=mp4)
+                          sampling=SamplingSettings(steps, cfg, seed), lora_scale=lora_scale,
+                          batch_size=batch_size, write_video=mp4)
         summary = run_generation(job)
     for line in summary.skipped:
         typer.echo(f"skipped {line}")
@@ -321,6 +325,7 @@ def evaluate(
     Writes RUN/evaluation.json and a report to open in a browser, RUN/evaluation/index.html (audio,
     spectrograms, training curves, the verdict)."""
     from generate.evaluate import evaluate as run_evaluation
+    from generate.model import resolve_source
     from shared.synthesis import SamplingSettings
 
     with user_errors():
@@ -328,9 +333,10 @@ def evaluate(
             scales = tuple(float(value) for value in lora_scale.split(","))
         except ValueError:
             raise UserError(f"--lora-scale takes numbers separated by commas, not {lora_scale!r}") from None
-        result = run_evaluation(run, features, clip_id, SamplingSettings(steps, cfg, seed, precision), scales,
-                                batch_size, device, profile, str(checkpoint) if checkpoint else None, weights_dir,
-                                out, checkpoints)
+        source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
+                                device=device, precision=precision)
+        result = run_evaluation(run, source, features, clip_id, SamplingSettings(steps, cfg, seed), scales,
+                                batch_size, out, checkpoints)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
                f"{steps} steps, cfg {cfg:g}, seed {seed}:")
     typer.echo(result.table())
@@ -348,8 +354,9 @@ def export(
 ) -> None:
     """Merge the LoRA adapter into the base network: a checkpoint in the official layout."""
     from generate.export import export_checkpoint
+    from generate.model import resolve_source
 
     with user_errors():
-        result = export_checkpoint(run, out, profile, str(checkpoint) if checkpoint else None)
+        result = export_checkpoint(run, out, resolve_source(run=run, profile=profile, checkpoint=checkpoint))
     typer.echo(f"{result.pth} and {result.safetensors}: {result.variant}, {result.tensors} tensors, "
                "no LoRA left (load with MMAudio's own loader, strict)")

@@ -49,21 +49,23 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
     from shared.synthesis import SamplingSettings
     from generate.run import GenerateJob, generate
     from precompute.run import FeatureJob, run_features
+    from shared.runtime import Runtime
     from train.config import TrainConfig
     from train.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
     tsv = write_demo_clips(root)
     features = root / "features"
-    summary = run_features(FeatureJob(tsv=tsv, video_root=root / "segmented_videos", out=features, profile="tiny",
-                                      mode="16k", device="cpu", workers=2, batch_size=4))
+    summary = run_features(FeatureJob(tsv=tsv, video_root=root / "segmented_videos", out=features,
+                                      runtime=Runtime(mode="16k", profile="tiny", device="cpu"), workers=2,
+                                      batch_size=4))
     config = TrainConfig(features=[str(features)], run=str(root / "run"), profile="tiny", steps=steps, batch_size=4,
                          lr=1e-3, warmup_steps=20, val_fraction=0.25, val_every=50, checkpoint_every=100,
                          device="cpu")
     result = train(config, overwrite=True)  # the demo's own run: a rerun starts it afresh
-    generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run)),
-                                     videos=[root / "segmented_videos" / "scene1/clip1.mp4"], device="cpu"))
-    evaluation = evaluate(Path(config.run), sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0),
-                          device="cpu")
+    generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run), device="cpu"),
+                                     videos=[root / "segmented_videos" / "scene1/clip1.mp4"]))
+    evaluation = evaluate(Path(config.run), resolve_source(run=Path(config.run), device="cpu"),
+                          sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0))
     return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, evaluation,
                       Path(config.run) / "evaluation" / "index.html")

@@ -5,63 +5,25 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
-from shared.device import mixed_precision
 from shared.media import Segment
+from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EncoderSettings:
-    profile: str = "real"
-    mode: str = "16k"
-    device: str = "cpu"
-    weights_dir: str | None = None
-    precision: str = "auto"  # shared.device.mixed_precision
-    frames_per_call: int = 64  # CLIP frames per forward pass
-    windows_per_call: int = 24  # Synchformer windows per forward pass
-
-
 class FeatureEncoder:
-    """Loads each encoder on first use, so a caption-only change never loads the video models."""
+    """Runs the runtime's encoders in batches; each model loads on first use, so a caption-only
+    change never loads the video models."""
 
-    def __init__(self, settings: EncoderSettings):
-        self.settings = settings
-        self.device = torch.device(settings.device)
+    def __init__(self, runtime: Runtime, frames_per_call: int = 64, windows_per_call: int = 24):
+        self.runtime = runtime
+        self.device = runtime.torch_device
+        self.frames_per_call = frames_per_call  # CLIP frames per forward pass
+        self.windows_per_call = windows_per_call  # Synchformer windows per forward pass
         self.seconds: dict[str, float] = defaultdict(float)  # time spent per encoder
-        self._models: dict[str, torch.nn.Module] = {}
-
-    @property
-    def loaded_models(self) -> list[str]:
-        return sorted(self._models)
-
-    def _model(self, name: str):
-        if name not in self._models:
-            s = self.settings
-            started = time.perf_counter()
-            if name == "clip":
-                from shared.clip import load_clip
-                model = load_clip(s.profile, s.weights_dir, self.device)
-            elif name == "synchformer":
-                from shared.synchformer import load_synchformer
-                model = load_synchformer(s.profile, s.weights_dir, self.device)
-            elif name == "vae":
-                from shared.vae import load_vae
-                model = load_vae(s.mode, s.profile, s.weights_dir, self.device)
-            else:
-                from shared.mel import build_mel_converter
-                model = build_mel_converter(s.mode).to(self.device)
-            self._models[name] = model
-            self.seconds["load models"] += time.perf_counter() - started
-        return self._models[name]
-
-    def _autocast(self):
-        # the image/video transformers only; the VAE stays in float32 (latents are targets)
-        return mixed_precision(self.device, self.settings.precision)
 
     @contextlib.contextmanager
     def _timed(self, name: str):
@@ -74,20 +36,20 @@ class FeatureEncoder:
     @torch.no_grad()
     def encode_media(self, segments: list[Segment]) -> dict[str, torch.Tensor]:
         """Video and audio features of a batch of decoded segments (float32, on the CPU)."""
-        clip_model, synchformer = self._model("clip"), self._model("synchformer")
-        mel_converter, vae = self._model("mel"), self._model("vae")
+        clip_model, synchformer = self.runtime.clip(), self.runtime.synchformer()
+        mel_converter, vae = self.runtime.mel_converter(), self.runtime.vae()
         from shared.synchformer import encode_sync_frames
 
         clip_frames = torch.stack([s.clip_frames for s in segments])  # (B, 64, 3, 384, 384)
-        with self._timed("clip frames"), self._autocast():
+        with self._timed("clip frames"), self.runtime.autocast():
             flat = clip_frames.flatten(0, 1)
-            step = self.settings.frames_per_call
+            step = self.frames_per_call
             clip_features = torch.cat([clip_model.encode_frames(flat[i:i + step].to(self.device))
                                        for i in range(0, flat.shape[0], step)]).float()
-        with self._timed("synchformer"), self._autocast():
+        with self._timed("synchformer"), self.runtime.autocast():
             sync_frames = torch.stack([s.sync_frames for s in segments]).to(self.device)
-            sync_features = encode_sync_frames(synchformer, sync_frames, self.settings.windows_per_call).float()
-        with self._timed("vae"):
+            sync_features = encode_sync_frames(synchformer, sync_frames, self.windows_per_call).float()
+        with self._timed("vae"):  # float32: the latents are the training targets
             audio = torch.stack([s.audio for s in segments]).to(self.device)
             mean, std = vae.encode(mel_converter(audio))
         return {
@@ -100,5 +62,5 @@ class FeatureEncoder:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        with self._timed("clip text"), self._autocast():
-            return self._model("clip").encode_text(captions).float().cpu()
+        with self._timed("clip text"), self.runtime.autocast():
+            return self.runtime.clip().encode_text(captions).float().cpu()

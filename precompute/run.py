@@ -29,9 +29,9 @@ from precompute.store import (
     recover,
     write_output,
 )
-from shared.device import check_precision
 from shared.feature_files import MANIFEST_NAME
 from shared.outputs import check_output_folder
+from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,13 @@ class FeatureJob:
     tsv: Path
     video_root: Path
     out: Path
-    profile: str = "real"
-    mode: str = "16k"
+    runtime: Runtime  # the encoders' mode, profile, weights, device and precision
     window_sec: float = 8.0
     strict: bool = False
     split_long: bool = False
-    device: str = "auto"
     batch_size: int = 8
     workers: int | None = None  # decoding processes; None: one per core but one, at most 12
-    weights_dir: Path | None = None
     allow_symlinks: bool = False
-    precision: str = "auto"  # shared.device.mixed_precision
 
 
 @dataclass
@@ -117,11 +113,11 @@ def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
         clips = [piece for clip in clips
                  for piece in split_into_windows(clip if clip.end_sec is not None else
                                                  _with_probed_end(clip, probe_duration), job.window_sec)]
-    settings = [FORMAT_VERSION, job.mode, job.window_sec, job.profile]
+    settings = [FORMAT_VERSION, job.runtime.mode, job.window_sec, job.runtime.profile]
     return [Item(clip,
                  media_key=_digest(settings, weights["clip"], weights["synchformer"], weights["vae"],
                                    _file_identity(clip.video), clip.start_sec, clip.end_sec),
-                 text_key=_digest(FORMAT_VERSION, job.profile, weights["clip"], clip.caption))
+                 text_key=_digest(FORMAT_VERSION, job.runtime.profile, weights["clip"], clip.caption))
             for clip in clips]
 
 
@@ -136,46 +132,30 @@ def _entries(items: list[Item]) -> list[list[str]]:
 
 def run_features(job: FeatureJob, show_progress: bool = True) -> FeatureSummary:
     """Bring `job.out` up to date with the list; refuses an output folder that is not ours."""
-    check_precision(job.precision)
     out = check_output_folder(job.out, MANIFEST_NAME, "features", protected=(Path(job.video_root), Path(job.tsv)))
     with output_lock(out):
         return _run_locked(replace(job, out=out), show_progress)
-
-
-def weight_identity(profile: str, mode: str, weights_dir: str | os.PathLike | None) -> dict[str, str]:
-    """What each encoder's weights are, cheaply (name, size, mtime): a change recomputes its features."""
-    if profile == "tiny":
-        return {name: "tiny-deterministic" for name in ("clip", "synchformer", "vae")}
-    from shared.weights import CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, require
-
-    identity = {}
-    for name, weight_file in (("clip", CLIP_WEIGHTS), ("synchformer", SYNCHFORMER_WEIGHTS),
-                              ("vae", VAE_WEIGHTS[mode])):
-        path = require(weight_file, weights_dir)
-        stat = path.stat()
-        identity[name] = f"{weight_file.filename}:{stat.st_size}:{stat.st_mtime_ns}"
-    return identity
 
 
 def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     """Plan → (nothing changed: done) → encode what is missing → assemble and swap in the output."""
     started = time.perf_counter()
     recover(job.out)
-    weights = weight_identity(job.profile, job.mode, job.weights_dir)
+    weights = job.runtime.encoder_weights()
     items = plan(job, weights)
     manifest = read_manifest(job.out)
     if manifest is not None and manifest.get("entries") == _entries(items) and manifest.get("weights") == weights:
         return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=manifest.get("skipped", []),
                        seconds=time.perf_counter() - started)
 
-    from shared.device import resolve_device
     from shared.distributed import Ranks
 
-    ranks = Ranks.from_environment(job.device)
-    device = ranks.device if ranks.device is not None else resolve_device(job.device)
+    ranks = Ranks.from_environment(job.runtime.device)
+    if ranks.device is not None:
+        job = replace(job, runtime=job.runtime.on(ranks.device))
     previous = PreviousOutput.read(job.out, manifest)
     cache = WorkCache(job.out)
-    encoded = _encode_missing(job, items, previous, cache, ranks, device, show_progress)
+    encoded = _encode_missing(job, items, previous, cache, ranks, show_progress)
     summary = FeatureSummary(out=job.out, clips=len(items), encoded_media=encoded.media, encoded_text=encoded.text,
                       timings=encoded.timings, models_loaded=encoded.models, main_process=ranks.is_main)
     if ranks.is_main:
@@ -223,9 +203,9 @@ class Encoded:
 
 
 def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput, cache: WorkCache, ranks,
-                    device, show_progress: bool) -> Encoded:
+                    show_progress: bool) -> Encoded:
     """Encode what neither the previous output nor the work folder holds; each rank its share."""
-    from precompute.encode import EncoderSettings, FeatureEncoder
+    from precompute.encode import FeatureEncoder
 
     media_todo = _unique([i for i in items if i.media_key not in previous.media_row
                           and not cache.has("media", i.media_key) and cache.skip_reason(i.media_key) is None],
@@ -233,12 +213,12 @@ def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput
     text_todo = _unique([i for i in items if i.text_key not in previous.text_row and not cache.has("text", i.text_key)],
                         "text_key")
     ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
-    encoder = FeatureEncoder(EncoderSettings(job.profile, job.mode, str(device),
-                                             str(job.weights_dir) if job.weights_dir else None, job.precision))
+    encoder = FeatureEncoder(job.runtime)
     media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
     text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
     # These collectives also wait for every rank to finish encoding before rank 0 assembles.
-    return Encoded(ranks.total(media), ranks.total(text), dict(encoder.seconds), encoder.loaded_models)
+    timings = dict(encoder.seconds, **{"load models": job.runtime.load_seconds})
+    return Encoded(ranks.total(media), ranks.total(text), timings, job.runtime.loaded_models)
 
 
 def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: PreviousOutput,
@@ -266,7 +246,7 @@ def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: Previ
 
     manifest = {
         "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
-        "profile": job.profile, "mode": job.mode, "window_sec": job.window_sec, "weights": weights,
+        "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec, "weights": weights,
         "entries": _entries(items), "rows": _entries(kept), "skipped": skipped,
         "clips": [{"id": i.clip.id, "row": i.clip.row, "video": str(i.clip.video), "start_sec": i.clip.start_sec,
                    "end_sec": i.clip.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
@@ -338,7 +318,7 @@ def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCa
 
     from precompute.decode import SegmentDataset, collate_segments
 
-    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.mode, markers)
+    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.runtime.mode, markers)
     loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=workers, collate_fn=collate_segments)
     encoded = 0
     batches = iter(loader)

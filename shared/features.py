@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,24 @@ def feature_labels(directory: str | Path) -> dict[str, str]:
 def feature_ids(directory: str | Path) -> list[str]:
     """The clip ids of a feature folder, in row order, without opening the memmap."""
     return [row["id"] for row in _read_rows(_feature_tsv(directory))]
+
+
+def feature_mode(directory: str | Path) -> str:
+    """The audio mode a feature folder was computed for, from its latents' width (the VAE's)."""
+    from shared.sequence import LATENT_DIMS
+
+    _feature_tsv(directory)  # the folder's own files first: the clearest error for a wrong folder
+    meta = Path(directory) / MEMMAP_DIR / "meta.json"
+    try:
+        latent_dim = json.loads(meta.read_text())["mean"]["shape"][-1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise FeatureFormatError(f"{directory}: no readable {MEMMAP_DIR}/meta.json; is this a folder written by "
+                                 "`mmaudio-lora features`?") from None
+    modes = [mode for mode, width in LATENT_DIMS.items() if width == latent_dim]
+    if not modes:
+        raise FeatureFormatError(f"{directory}: latents of width {latent_dim} belong to no audio mode "
+                                 f"({LATENT_DIMS})")
+    return modes[0]
 
 
 def open_feature_dir(directory: str | Path, data_dim: dict[str, int]) -> ExtractedFeatures:

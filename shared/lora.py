@@ -25,26 +25,25 @@ class AdapterError(UserError):
     pass
 
 
-def base_network(profile: str, checkpoint: str | None, variant: str | None, latent_dim: int | None = None,
+def base_network(profile: str, checkpoint: str | None, variant: str | None,
                  weights_dir: str | os.PathLike | None = None) -> tuple[MMAudio, str]:
-    """The network to adapt and its variant: an official file (`real`; without a checkpoint, the
-    variant's file in the weights folder), or the deterministic tiny network. For `tiny` without
-    a variant, the features' latent width picks the mode (20 → 16k).
-    """
+    """The network to adapt and its variant: an official file (`real`: `checkpoint`, whose shapes
+    give the variant when none is named, else the variant's file in the weights folder), or the
+    deterministic tiny network of the variant's layout."""
     from shared.network import build_network
     from shared.profiles import check_profile, fill_deterministically, network_config
+    from shared.sequence import DEFAULT_VARIANT
 
     if check_profile(profile) == "real":
         if checkpoint is None:
-            from shared.weights import DEFAULT_VARIANT, NETWORK_WEIGHTS, require
+            from shared.weights import NETWORK_WEIGHTS, require
             checkpoint = require(NETWORK_WEIGHTS[variant or DEFAULT_VARIANT], weights_dir)
         from shared.checkpoint import load_network
         from shared.network import VARIANTS
         network = load_network(checkpoint, variant)
         return network, next(name for name, official in VARIANTS.items() if official == network.config)
-    variant = variant or ("small_16k" if latent_dim in (None, 20) else "large_44k_v2")
-    config = network_config(variant, "tiny")
-    network = build_network(None, **asdict(config))
+    variant = variant or DEFAULT_VARIANT
+    network = build_network(None, **asdict(network_config(variant, "tiny")))
     return fill_deterministically(network), variant
 
 

@@ -23,7 +23,7 @@ from shared.layers import (
     TimestepEmbedder,
     rotary_table,
 )
-from shared.sequence import SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, SequenceConfig
+from shared.sequence import LATENT_DIMS, SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, SequenceConfig, mode_of
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,12 @@ class NetworkConfig:
     @property
     def mode(self) -> str:
         """The audio mode a latent width belongs to (the VAE decides it)."""
-        return "16k" if self.latent_dim == 20 else "44k"
+        return "16k" if self.latent_dim == LATENT_DIMS["16k"] else "44k"
 
 
-def _official(latent_dim: int, hidden_dim: int, num_heads: int, depth: int, fused_depth: int,
-              mode: str, v2: bool = False) -> NetworkConfig:
-    seq = SequenceConfig(mode)
+def _official(variant: str, latent_dim: int, hidden_dim: int, num_heads: int, depth: int, fused_depth: int,
+              v2: bool = False) -> NetworkConfig:
+    seq = SequenceConfig(mode_of(variant))
     return NetworkConfig(latent_dim=latent_dim, clip_dim=1024, sync_dim=768, text_dim=1024,
                          hidden_dim=hidden_dim, depth=depth, fused_depth=fused_depth,
                          num_heads=num_heads, latent_seq_len=seq.latent_seq_len,
@@ -61,11 +61,11 @@ def _official(latent_dim: int, hidden_dim: int, num_heads: int, depth: int, fuse
 
 
 VARIANTS: dict[str, NetworkConfig] = {
-    "small_16k": _official(20, 448, 7, 12, 8, "16k"),
-    "small_44k": _official(40, 448, 7, 12, 8, "44k"),
-    "medium_44k": _official(40, 896, 14, 12, 8, "44k"),
-    "large_44k": _official(40, 896, 14, 21, 14, "44k"),
-    "large_44k_v2": _official(40, 896, 14, 21, 14, "44k", v2=True),
+    "small_16k": _official("small_16k", 20, 448, 7, 12, 8),
+    "small_44k": _official("small_44k", 40, 448, 7, 12, 8),
+    "medium_44k": _official("medium_44k", 40, 896, 14, 12, 8),
+    "large_44k": _official("large_44k", 40, 896, 14, 21, 14),
+    "large_44k_v2": _official("large_44k_v2", 40, 896, 14, 21, 14, v2=True),
 }
 
 

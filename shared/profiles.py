@@ -12,12 +12,15 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, replace
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from shared.errors import UserError
-from shared.network import VARIANTS, NetworkConfig
+
+if TYPE_CHECKING:  # torch loads where weights are made: the runtime checks a profile without it
+    import torch
+    from torch import nn
+
+    from shared.network import NetworkConfig
 
 PROFILES = ("real", "tiny")
 
@@ -52,6 +55,8 @@ def feature_dims(profile: str = "real") -> FeatureDims:
 
 def network_config(variant: str, profile: str = "real") -> NetworkConfig:
     """An official variant, or for `tiny` a small network with the variant's latent layout."""
+    from shared.network import VARIANTS
+
     if variant not in VARIANTS:
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
     official = VARIANTS[variant]
@@ -63,6 +68,8 @@ def network_config(variant: str, profile: str = "real") -> NetworkConfig:
 
 def deterministic_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Weights that depend only on a key and a shape: scaled by fan-in, norms near one."""
+    import torch
+
     generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
     noise = torch.randn(shape, generator=generator)
     leaf = key.rsplit(".", 1)[-1]
@@ -77,6 +84,8 @@ def deterministic_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 def fill_deterministically(module: nn.Module) -> nn.Module:
     """Overwrite every floating-point tensor of the state dict with `deterministic_tensor`."""
+    import torch
+
     filled = {key: deterministic_tensor(key, tuple(value.shape)).to(value.dtype)
               if torch.is_floating_point(value) else value
               for key, value in module.state_dict().items()}

@@ -12,6 +12,13 @@ from shared.errors import UserError
 # Audio properties of each mode: sample rate and mel hop (the spectrogram frame rate).
 AUDIO_MODES: dict[str, tuple[int, int]] = {"16k": (16000, 256), "44k": (44100, 512)}
 
+# The latent width of each mode's VAE: the latents of a feature folder tell its mode.
+LATENT_DIMS = {"16k": 20, "44k": 40}
+# The audio mode of each official network variant (its VAE's).
+VARIANT_MODES = {"small_16k": "16k", "small_44k": "44k", "medium_44k": "44k", "large_44k": "44k",
+                 "large_44k_v2": "44k"}
+DEFAULT_VARIANT = "large_44k_v2"
+
 CLIP_FPS = 8
 SYNC_FPS = 25
 SYNC_WINDOW_FRAMES = 16
@@ -19,6 +26,12 @@ SYNC_WINDOW_STRIDE = 8
 SYNC_TOKENS_PER_WINDOW = 8
 TEXT_SEQ_LEN = 77
 DEFAULT_DURATION_SEC = 8.0
+
+
+def mode_of(variant: str) -> str:
+    if variant not in VARIANT_MODES:
+        raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANT_MODES)}")
+    return VARIANT_MODES[variant]
 
 
 @dataclass(frozen=True)

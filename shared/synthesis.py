@@ -3,15 +3,14 @@ and the vocoder. Generation, evaluation and the trainer's samples all go through
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from shared.device import check_precision, mixed_precision
 from shared.errors import UserError
 from shared.flow import euler_sample
 from shared.network import MMAudio
+from shared.runtime import Runtime
 from shared.sequence import SequenceConfig
 
 
@@ -20,10 +19,8 @@ class SamplingSettings:
     steps: int = 25  # Euler steps
     cfg_strength: float = 4.5  # classifier-free guidance; below 1 the unconditional pass is skipped
     seed: int = 42  # every clip starts from the noise of this seed, whatever its batch
-    precision: str = "auto"  # the network's autocast (shared.device.mixed_precision)
 
     def __post_init__(self) -> None:
-        check_precision(self.precision)
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, not {self.steps}")
         if self.cfg_strength < 0:
@@ -61,17 +58,17 @@ def duration_batches(durations: list[float], batch_size: int) -> list[list[int]]
 
 
 @torch.no_grad()
-def sample_latents(network: MMAudio, clip_features: torch.Tensor, sync_features: torch.Tensor,
+def sample_latents(runtime: Runtime, network: MMAudio, clip_features: torch.Tensor, sync_features: torch.Tensor,
                    text_features: torch.Tensor, settings: SamplingSettings,
                    negative_text_features: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, latent_seq_len, latent_dim), unnormalized, for a batch of conditions whose
-    lengths match the network's (see `use_duration`), in the settings' precision."""
+    lengths match the network's (see `use_duration`), in the runtime's precision."""
     device = next(network.parameters()).device
     batch = clip_features.shape[0]
     shape = (1, network.latent_seq_len, network.config.latent_dim)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
                        for _ in range(batch)]).to(device)
-    with mixed_precision(device, settings.precision):
+    with runtime.autocast():
         conditions = network.preprocess_conditions(clip_features.to(device), sync_features.to(device),
                                                    text_features.to(device))
         empty = network.get_empty_conditions(
@@ -81,8 +78,8 @@ def sample_latents(network: MMAudio, clip_features: torch.Tensor, sync_features:
     return network.unnormalize(latents.float())
 
 
-def sample_stored_clips(network: MMAudio, clips: dict[str, torch.Tensor], settings: SamplingSettings,
-                        batch_size: int = 4):
+def sample_stored_clips(runtime: Runtime, network: MMAudio, clips: dict[str, torch.Tensor],
+                        settings: SamplingSettings, batch_size: int = 4):
     """Generate precomputed clips, each at its own duration: yields (row indices, SequenceConfig,
     latents) per batch. `clips` holds clip/sync/text features of full windows and duration_sec.
     The network's window is restored afterwards."""
@@ -94,56 +91,27 @@ def sample_stored_clips(network: MMAudio, clips: dict[str, torch.Tensor], settin
             use_duration(network, seq)
             index = torch.tensor(rows)
             clip_f, sync_f = crop_video_features(clips["clip_features"][index], clips["sync_features"][index], seq)
-            yield rows, seq, sample_latents(network, clip_f, sync_f, clips["text_features"][index], settings)
+            yield rows, seq, sample_latents(runtime, network, clip_f, sync_f, clips["text_features"][index], settings)
     finally:
         network.update_seq_lengths(*lengths)
 
 
 class AudioDecoder:
-    """Latents → mel (VAE decoder) → waveform (vocoder); each model loads on first use, and the
-    VAE's encoder is dropped after loading (only its decoder is kept)."""
+    """Latents → mel (the runtime's VAE decoder) → waveform (its vocoder), in float32."""
 
-    def __init__(self, mode: str, profile: str = "real", weights_dir: str | os.PathLike | None = None,
-                 device: torch.device | str = "cpu"):
-        self.seq = SequenceConfig(mode)
-        self.mode, self.profile, self.weights_dir = mode, profile, weights_dir
-        self.device = torch.device(device)
-        self._vae = None
-        self._vocoder = None
-
-    @property
-    def sampling_rate(self) -> int:
-        return self.seq.sampling_rate
-
-    @property
-    def loaded_models(self) -> list[str]:
-        return [name for name, model in (("vae decoder", self._vae), ("vocoder", self._vocoder)) if model is not None]
-
-    def _load_vae(self):
-        if self._vae is None:
-            from shared.vae import load_vae
-
-            vae = load_vae(self.mode, self.profile, self.weights_dir, self.device)
-            del vae.encoder
-            self._vae = vae
-        return self._vae
-
-    def _load_vocoder(self):
-        if self._vocoder is None:
-            from shared.vocoder import load_vocoder
-
-            self._vocoder = load_vocoder(self.mode, self.profile, self.weights_dir, self.device)
-        return self._vocoder
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.sampling_rate = runtime.sequence().sampling_rate
 
     @torch.no_grad()
     def mel(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, latent_dim) → log-mel (B, bins, 2N), float32."""
-        return self._load_vae().decode(latents.transpose(1, 2).float().to(self.device))
+        return self.runtime.vae_decoder().decode(latents.transpose(1, 2).float().to(self.runtime.torch_device))
 
     @torch.no_grad()
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel (B, bins, T) → mono audio (B, T * hop) at the mode's rate, on the CPU."""
-        return self._load_vocoder()(mel.float().to(self.device)).squeeze(1).float().cpu()
+        return self.runtime.vocoder()(mel.float().to(self.runtime.torch_device)).squeeze(1).float().cpu()
 
     @torch.no_grad()
     def waveform(self, latents: torch.Tensor) -> torch.Tensor:

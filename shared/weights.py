@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.sequence import DEFAULT_VARIANT, mode_of
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VARIANT = "large_44k_v2"
 MMAUDIO_HUB = "https://huggingface.co/hkchengrex/MMAudio/resolve/main/weights"
 MMAUDIO_RELEASE = "https://github.com/hkchengrex/MMAudio/releases/download/v0.1"
 HF_HUB = "https://huggingface.co"
@@ -74,12 +74,6 @@ CLIP_WEIGHTS = WeightFile("open_clip_pytorch_model.bin", "CLIP ViT-H-14 (DFN5B)"
                           approx_bytes=int(986e6 * 4), hf_repo=_DFN5B)
 
 COMMANDS = ("features", "train", "generate")
-
-
-def mode_of(variant: str) -> str:
-    from shared.network import VARIANTS  # torch: only when a variant is named
-
-    return VARIANTS[variant].mode
 
 
 def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple[str, ...]]]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.runtime import Runtime
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MMAUDIO_LORA_REFERENCE", REPO.parent / "shared" / "reference"))
 EXAMPLE_DATA = REFERENCE.parent / "data"
@@ -65,6 +67,6 @@ def features(tmp_path_factory):
         lines.append(f"c{index}.mp4\t0\t{duration}\tsound {index}")
     (root / "clips.tsv").write_text("\n".join(lines) + "\n")
     out = root / "features"
-    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out, profile="tiny",
-                            mode="16k", workers=0), show_progress=False)
+    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out, runtime=Runtime(mode="16k", profile="tiny"),
+                            workers=0), show_progress=False)
     return out

@@ -20,6 +20,7 @@ from precompute.synthetic import ClipSpec, write_clip
 from shared.clips import ClipListError, read_clip_list
 from shared.errors import UserError
 from shared.outputs import OutputError
+from shared.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -61,7 +62,8 @@ def write_media(path: Path, seconds: float = 3.0, *, audio_start: float = 0.0, l
 
 
 def tiny_job(tsv: Path, videos: Path, out: Path, **options) -> FeatureJob:
-    return FeatureJob(tsv=tsv, video_root=videos, out=out, profile="tiny", mode="16k", workers=0, **options)
+    return FeatureJob(tsv=tsv, video_root=videos, out=out, runtime=Runtime(mode="16k", profile="tiny"), workers=0,
+                      **options)
 
 
 def segment_tsv(path: Path, rows: list[tuple[str, float, float, str]]) -> Path:
@@ -303,7 +305,8 @@ def test_a_file_that_kills_its_decoding_worker_is_skipped_and_the_rest_written(s
 
     monkeypatch.setattr(precompute.decode, "load_segment", crashing_load)
     summary = run_features(FeatureJob(tsv=listing, video_root=tmp_path / "videos", out=tmp_path / "features",
-                                      profile="tiny", mode="16k", workers=2, batch_size=1, allow_symlinks=True))
+                                      runtime=Runtime(mode="16k", profile="tiny"), workers=2, batch_size=1,
+                                      allow_symlinks=True))
     assert summary.clips == 3 and len(summary.skipped) == 1
     assert "crash.mp4: the decoder crashed on this file" in summary.skipped[0]
     assert (tmp_path / "features" / "clips.tsv").read_text().split()[2:] == ["a", "one", "b", "two"]

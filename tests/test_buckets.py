@@ -75,7 +75,7 @@ def test_short_clips_train_at_their_bucket_length(features, tmp_path):
 
     config = _config(features, tmp_path / "run", length_bucket_sec=1.0, val_fraction=0.0).validate()
     (tmp_path / "run").mkdir()
-    trainer = Trainer(config, tmp_path / "run", Ranks(), torch.device("cpu"))
+    trainer = Trainer(config, tmp_path / "run", Ranks(), config.runtime())
     lengths = set()
     for position in range(trainer.batches_per_epoch * 3):
         seq, batch = trainer.batch(position)
@@ -97,7 +97,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(features):
     clips = FeatureSet.load([str(features)], data_dim(seq, feature_dims("tiny")), 8.0)
     gradients = []
     for checkpointing in (False, True):
-        network = base_network("tiny", None, None)[0]
+        network = base_network("tiny", None, "small_16k")[0]
         model = add_lora(network, lora_config(4, 4.0, 0.0, DEFAULT_TARGETS))
         for name, parameter in model.named_parameters():  # LoRA B starts at zero: give it a value
             if parameter.requires_grad:

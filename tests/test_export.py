@@ -15,7 +15,7 @@ def test_export_round_trip(trained_run, tmp_path):
                                       "--profile", "tiny"])
     assert result.exit_code == 0, result.output
     merged = torch.load(tmp_path / "merged.pth", weights_only=True)
-    base, _ = base_network("tiny", None, None)
+    base, _ = base_network("tiny", None, "small_16k")
     base_state = base.state_dict()
     assert merged.keys() == base_state.keys() and not any("lora" in k for k in merged)
     assert all(merged[k].shape == v.shape and merged[k].dtype == v.dtype for k, v in base_state.items())

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from generate.model import ModelSource, resolve_source
 from generate.run import GenerateJob, generate
 from mmaudio_lora.cli import app
+from shared.runtime import Runtime
 from shared.synthesis import SamplingSettings
 from shared.weights import MissingWeightsError
 
@@ -70,7 +71,7 @@ summary = generate(GenerateJob(out=Path({str(tmp_path / 'stored')!r}), source=re
                    show_progress=False)
 loaded = [m for m in sys.modules if m.startswith(("open_clip", "shared.clip", "shared.synchformer", "shared.mel"))]
 assert not loaded, loaded
-assert summary.models_loaded == ["vae decoder", "vocoder"], summary.models_loaded
+assert summary.models_loaded == ["network", "vae decoder", "vocoder"], summary.models_loaded
 """
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
@@ -89,12 +90,12 @@ assert summary.models_loaded == ["vae decoder", "vocoder"], summary.models_loade
 
 
 def test_prompt_alone_duration_and_lora_scale(run, features, tmp_path):
-    text_only = generate(GenerateJob(out=tmp_path / "text", source=ModelSource(profile="tiny", variant="small_16k"),
+    text_only = generate(GenerateJob(out=tmp_path / "text", source=ModelSource(Runtime(variant="small_16k", profile="tiny")),
                                      prompt="rain on a tin roof", duration=2.5, sampling=FAST), show_progress=False)
     assert [p.name for p in text_only.written] == ["rain_on_a_tin_roof.wav"]
     audio, rate = read_audio(text_only.written[0])
     assert audio.shape[0] == 2.5 * rate and audio.std() > 1e-3
-    wide = generate(GenerateJob(out=tmp_path / "44k", source=ModelSource(profile="tiny", variant="large_44k_v2"),
+    wide = generate(GenerateJob(out=tmp_path / "44k", source=ModelSource(Runtime(variant="large_44k_v2", profile="tiny")),
                                 prompt="rain", duration=1.0, sampling=FAST), show_progress=False)
     audio, rate = read_audio(wide.written[0])
     assert rate == 44100 and audio.shape[0] == 44100 and np.isfinite(audio).all()
@@ -162,7 +163,7 @@ def test_bad_inputs_give_clear_errors(run, tmp_path):
         (weights / name).parent.mkdir(parents=True, exist_ok=True)
         (weights / name).write_bytes(b"placeholder")
     job = GenerateJob(out=tmp_path / "out", videos=[EXAMPLE],
-                      source=ModelSource(profile="real", variant="small_16k", weights_dir=str(weights)))
+                      source=ModelSource(Runtime(variant="small_16k", weights_dir=weights)))
     with pytest.raises(MissingWeightsError, match=r"missing weight file\(s\) for small_16k: best_netG\.pt; run"):
         generate(job, show_progress=False)
 

@@ -77,7 +77,7 @@ def test_every_command_runs_its_mixed_precision_path(features, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = runner.invoke(app, ["features", "--tsv", str(root / "clips.tsv"), "--video-root", str(root / "videos"),
-                                     "--out", str(tmp_path / "features"), "--profile", "tiny", "--mode", "16k",
+                                     "--out", str(tmp_path / "features"), "--profile", "tiny", "--variant", "small_16k",
                                      "--workers", "0", "--precision", "bf16"])
         assert result.exit_code == 0, result.output
         run = tmp_path / "run"

@@ -18,6 +18,7 @@ from precompute.run import FeatureJob, StrictModeError, run_features
 from precompute.synthetic import ClipSpec, write_clip
 from shared.features import FeatureFormatError, data_dim, open_feature_dir
 from shared.profiles import feature_dims
+from shared.runtime import Runtime
 from shared.sequence import SequenceConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def dataset(tmp_path_factory):
 
 
 def _job(tsv, videos, out, **options) -> FeatureJob:
-    return FeatureJob(tsv=tsv, video_root=videos, out=out, profile="tiny", mode="16k", workers=0,
+    return FeatureJob(tsv=tsv, video_root=videos, out=out, runtime=Runtime(mode="16k", profile="tiny"), workers=0,
                       batch_size=4, **options)
 
 
@@ -241,7 +242,7 @@ def test_real_example_clips_tiny_profile_end_to_end(reference_dir, tmp_path):
     examples = reference_dir.parent / "data"
     out = tmp_path / "features"
     job = FeatureJob(tsv=examples / "example_videos.tsv", video_root=examples / "example_videos", out=out,
-                     profile="tiny", mode="16k", workers=2, batch_size=2)
+                     runtime=Runtime(mode="16k", profile="tiny"), workers=2, batch_size=2)
     summary = run_features(job, show_progress=False)
     assert summary.encoded_media == 2 and not summary.skipped
     td, rows = _load(out)
@@ -350,7 +351,7 @@ from typer.testing import CliRunner
 from mmaudio_lora.cli import app
 result = CliRunner().invoke(app, ["features", "--tsv", {str(root / 'clips.tsv')!r}, "--video-root",
                                   {str(root / 'videos')!r}, "--out", {str(features)!r}, "--profile", "tiny",
-                                  "--mode", "16k"])
+                                  "--variant", "small_16k"])
 print(result.output)
 print("TORCH", "torch" in sys.modules)
 """

@@ -29,7 +29,7 @@ def _metrics(run):
 
 
 def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
-    base = {k: v.clone() for k, v in base_network("tiny", None, None)[0].state_dict().items()}
+    base = {k: v.clone() for k, v in base_network("tiny", None, "small_16k")[0].state_dict().items()}
     config = _config(features, tmp_path / "run", steps=150, lr=3e-3, val_fraction=0.0, null_condition_probability=0.0,
                      val_every=1000, checkpoint_every=1000)
     result = train(config, show_progress=False)
@@ -45,7 +45,7 @@ def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
     seq = SequenceConfig("16k")
     clips = FeatureSet.load([str(features)], data_dim(seq, feature_dims("tiny")), 8.0)
     batches = [clips.batch(list(range(len(clips))))]
-    network = base_network("tiny", None, None)[0]
+    network = base_network("tiny", None, "small_16k")[0]
     before = validation_loss(network, batches, seq)
     assert all(torch.equal(network.state_dict()[k], v) for k, v in base.items())
     model = load_adapter(network, Path(config.run) / "adapter")
@@ -71,7 +71,7 @@ def test_masked_loss_ignores_padded_latents(features):
              "clip_features": dataset.clip_features[:2].clone(), "sync_features": dataset.sync_features[:2].clone(),
              "text_features": dataset.text_features[:2].clone(), "duration_sec": dataset.duration_sec[:2].clone()}
     assert batch["duration_sec"].tolist() == [2.0, 3.5]
-    network = base_network("tiny", None, None)[0]
+    network = base_network("tiny", None, "small_16k")[0]
     before = training_loss(network, batch, seq, torch.Generator().manual_seed(0))
     # Latent frames past 3.5 s: ceil(3.5 * 16000 / 256 / 2) = 110. Fill them with anything.
     batch["a_mean"][:, 110:] = 1e3
@@ -125,9 +125,9 @@ def test_bad_inputs_give_clear_errors(features, tmp_path):
     (corrupt / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": "x"}')
     (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="cannot load this adapter"):
-        load_adapter(base_network("tiny", None, None)[0], corrupt)
+        load_adapter(base_network("tiny", None, "small_16k")[0], corrupt)
     with pytest.raises(AdapterError, match="not an adapter folder"):
-        load_adapter(base_network("tiny", None, None)[0], tmp_path)
+        load_adapter(base_network("tiny", None, "small_16k")[0], tmp_path)
 
 
 def test_cli_train_with_toml_config(features, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from shared.device import check_precision
 from shared.errors import UserError
+from shared.runtime import Runtime
 
 DEFAULT_TARGETS = r"(joint_blocks\.\d+\.(latent|clip|text)_block|fused_blocks\.\d+)\.(attn\.qkv|linear1|ffn\.w[123])"
 
@@ -28,7 +29,7 @@ class TrainConfig:
     run: str = "data/runs/default"
     profile: str = "real"
     checkpoint: str | None = None  # official network file (real profile)
-    variant: str | None = None  # inferred from the checkpoint when not given
+    variant: str | None = None  # default: read from the checkpoint, else the features' mode's default
     weights_dir: str | None = None
     # LoRA
     rank: int = 16
@@ -100,6 +101,19 @@ class TrainConfig:
         if min(self.steps, self.batch_size, self.grad_accumulation, self.rank) < 1:
             raise UserError("steps, batch_size, grad_accumulation and rank must be positive")
         return self
+
+    def runtime(self) -> Runtime:
+        """The network's runtime, in the audio mode of the features (a variant of another is refused)."""
+        from shared.features import FeatureFormatError, feature_mode
+        from shared.sequence import mode_of
+
+        mode = feature_mode(self.features[0])
+        if self.variant is not None and mode_of(self.variant) != mode:
+            raise FeatureFormatError(f"{self.features[0]}: features of another mode ({mode}) than variant "
+                                     f"{self.variant} takes ({mode_of(self.variant)}); recompute them with "
+                                     f"`mmaudio-lora features --variant {self.variant}` or train a {mode} variant")
+        return Runtime(variant=self.variant, mode=mode, profile=self.profile, weights_dir=self.weights_dir,
+                       checkpoint=self.checkpoint, device=self.device, precision=self.precision)
 
     def save(self, path: Path) -> None:
         from shared.outputs import atomic_write_text

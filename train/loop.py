@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from shared.device import mixed_precision, resolve_device
 from shared.distributed import Ranks
 from shared.errors import UserError
-from shared.features import FeatureSet, data_dim, split
+from shared.features import FeatureSet, split
 from shared.flow import validation_loss
-from shared.lora import add_lora, base_network, count_parameters, lora_config, save_adapter
+from shared.lora import add_lora, count_parameters, lora_config, save_adapter
 from shared.outputs import atomic_path, atomic_write_text, replace_folder
-from shared.profiles import FeatureDims
+from shared.runtime import Runtime
 from shared.sequence import SequenceConfig
 from shared.synthesis import crop_video_features, use_duration
 from train.buckets import Batch, bucket_lengths, epoch_plan
@@ -53,13 +52,6 @@ class RunResult:
     main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
 
-def _feature_latent_dim(folder: str) -> int | None:
-    meta = Path(folder) / "memmap" / "meta.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text())["mean"]["shape"][-1]
-
-
 def _schedule(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -79,20 +71,17 @@ def cut_to_length(batch: dict[str, torch.Tensor], seq: SequenceConfig) -> dict[s
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, run: Path, ranks: Ranks, device: torch.device):
-        self.config, self.run, self.ranks, self.device = config, run, ranks, device
+    def __init__(self, config: TrainConfig, run: Path, ranks: Ranks, runtime: Runtime):
+        self.config, self.run, self.ranks, self.runtime = config, run, ranks, runtime
+        self.device = runtime.torch_device
         self.main_process = ranks.is_main
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
-        self.network, config.variant = base_network(config.profile, config.checkpoint, config.variant,
-                                                    _feature_latent_dim(config.features[0]), config.weights_dir)
-        net = self.network.config
-        self.mode = net.mode
-        self.window = SequenceConfig(net.mode)
-        features = FeatureSet.load(config.features, data_dim(self.window, FeatureDims(net.clip_dim, net.sync_dim,
-                                                                                        net.text_dim)),
-                                   self.window.duration_sec)
+        self.network = runtime.network()
+        config.variant = runtime.variant
+        self.window = runtime.sequence()
+        features = FeatureSet.load(config.features, runtime.data_dim(), self.window.duration_sec)
         train_index, val_index = split(features.ids, config.val_fraction, config.val_ids)
         self.train_set = features.subset(train_index)
         self.val_set = features.subset(val_index) if val_index else None
@@ -102,13 +91,13 @@ class Trainer:
         self.model = add_lora(self.network, lora_config(config.rank, config.alpha, config.lora_dropout,
                                                         config.target_modules, config.use_rslora, config.use_dora))
         self.network.gradient_checkpointing = config.gradient_checkpointing
-        self.model.to(device)
+        self.model.to(self.device)
         self.forward = self.model
         if ranks.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.forward = DistributedDataParallel(self.model,
-                                                   device_ids=[device.index] if device.type == "cuda" else None)
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.trainable, self.total = count_parameters(self.model)
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", self.trainable, self.total,
                  100 * self.trainable / self.total)
@@ -117,7 +106,6 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.noise = torch.Generator().manual_seed(config.seed)
-        self.autocast = mixed_precision(device, config.precision)
         self.info = {"variant": config.variant, "profile": config.profile}
         self._plan: tuple[int, list[Batch]] | None = None  # (epoch, its batches)
 
@@ -138,7 +126,7 @@ class Trainer:
         if self._plan is None or self._plan[0] != epoch:
             self._plan = (epoch, epoch_plan(self.train_buckets, self.config.batch_size, self.config.seed, epoch))
         planned = self._plan[1][within]
-        seq = SequenceConfig(self.mode, planned.seconds)
+        seq = self.runtime.sequence(planned.seconds)
         rows = self.ranks.shard(planned.indices)
         tensors = cut_to_length(self.train_set.batch(rows), seq)
         return seq, {k: v.to(self.device) for k, v in tensors.items()}
@@ -151,7 +139,7 @@ class Trainer:
         for micro in range(config.grad_accumulation):
             seq, batch = self.batch(self.step * config.grad_accumulation + micro)
             use_duration(self.network, seq)
-            with self.autocast:
+            with self.runtime.autocast():
                 loss = training_loss(self.network, batch, seq, self.noise, config.null_condition_probability,
                                      self.forward, (self.ranks.rank, self.ranks.world_size))
             (loss / config.grad_accumulation).backward()
@@ -171,12 +159,12 @@ class Trainer:
         losses = []  # (mean loss, clips) per length
         for length in sorted(set(buckets)):
             rows = [n for n, b in enumerate(buckets) if b == length]
-            seq = SequenceConfig(self.mode, length)
+            seq = self.runtime.sequence(length)
             use_duration(self.network, seq)
             batches = ({k: v.to(self.device) for k, v in cut_to_length(self.val_set.batch(rows[i:i + self.config.batch_size]),
                                                                      seq).items()}
                        for i in range(0, len(rows), self.config.batch_size))
-            with self.autocast:
+            with self.runtime.autocast():
                 losses.append((validation_loss(self.network, batches, seq), len(rows)))
         self.model.train()
         if len(losses) == 1:
@@ -292,14 +280,13 @@ class Trainer:
             save_adapter(self.model, final, self.info, self.card())
 
     def _training_samples(self):
-        from shared.synthesis import AudioDecoder, SamplingSettings
+        from shared.synthesis import SamplingSettings
         from train.samples import TrainingSamples
 
         config = self.config
         sample_set = self.val_set if self.val_set is not None else self.train_set
         return TrainingSamples(self.run, sample_set.subset(list(range(min(config.sample_clips, len(sample_set))))),
-                            AudioDecoder(self.mode, config.profile, config.weights_dir, self.device),
-                            SamplingSettings(config.sample_steps, config.sample_cfg, config.seed, config.precision))
+                               self.runtime, SamplingSettings(config.sample_steps, config.sample_cfg, config.seed))
 
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
@@ -311,10 +298,12 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     run = prepare_run_folder(Path(config.run), config.features, resume, overwrite, ranks.is_main)
     ranks.barrier()
     run.mkdir(parents=True, exist_ok=True)
-    device = ranks.device if ranks.device is not None else resolve_device(config.device)
     if config.batch_size % ranks.world_size:
         raise UserError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
-    trainer = Trainer(config, run, ranks, device)
+    runtime = config.runtime()
+    if ranks.device is not None:
+        runtime = runtime.on(ranks.device)
+    trainer = Trainer(config, run, ranks, runtime)
     if resume:
         trainer.resume()
     if ranks.is_main:

@@ -11,23 +11,25 @@ from pathlib import Path
 from shared.features import FeatureSet
 from shared.media import write_wav
 from shared.network import MMAudio
+from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 
 log = logging.getLogger(__name__)
 
 
 class TrainingSamples:
-    def __init__(self, run: Path, clips: FeatureSet, decoder: AudioDecoder, settings: SamplingSettings):
+    def __init__(self, run: Path, clips: FeatureSet, runtime: Runtime, settings: SamplingSettings):
         self.folder = Path(run) / "samples"
         self.clips = clips
-        self.decoder = decoder
+        self.runtime = runtime
+        self.decoder = AudioDecoder(runtime)
         self.settings = settings
 
     def write(self, network: MMAudio, step: int, tensorboard=None) -> list[Path]:
         """Generate every sample clip with the network as it is now (adapter active)."""
         rate = self.decoder.sampling_rate
         written = []
-        for rows, seq, latents in sample_stored_clips(network, self.clips.tensors, self.settings):
+        for rows, seq, latents in sample_stored_clips(self.runtime, network, self.clips.tensors, self.settings):
             audio = self.decoder.waveform(latents)
             for row, n in enumerate(rows):
                 samples = audio[row, :round(seq.duration_sec * rate)]
