@@ -209,7 +209,7 @@ def weights(check: Check) -> None:
 
 def clip_list(check: Check) -> tuple[Path, Path]:
     """The example clips and generated ones, as a segment list."""
-    from precompute.synthetic import ClipSpec, write_clip
+    from precompute.demo_clips import ClipSpec, write_clip
 
     videos = check.workdir / "videos"
     videos.mkdir(parents=True, exist_ok=True)

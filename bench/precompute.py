@@ -21,11 +21,11 @@ from pathlib import Path
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from shared.clips import read_clip_list
+from shared.clip_list import read_clip_list
 from shared.media import load_segment, load_video
 from precompute.run import ENCODER_STAGES, FeatureJob, run_features
 from shared.runtime import Runtime
-from precompute.synthetic import ClipSpec, write_clip
+from precompute.demo_clips import ClipSpec, write_clip
 
 
 def generated_list(folder: Path, count: int) -> tuple[Path, Path]:

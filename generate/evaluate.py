@@ -81,7 +81,7 @@ def change(base: float, tuned: float) -> str:
 
 def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime) -> tuple[FeatureSet, str]:
     """`features` (all clips, or `ids`), else the run's own validation split."""
-    window = runtime.sequence().duration_sec
+    window = runtime.sequence().window_sec
     if features is not None:
         clips = FeatureSet.load([str(features)], runtime.data_dim(), window)
         where = str(features)

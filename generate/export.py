@@ -23,7 +23,7 @@ def _official_dtypes(runtime) -> dict[str, torch.dtype]:
     from shared.checkpoint import read_state_dict
     from shared.weights import NETWORK_WEIGHTS, require
 
-    path = runtime.checkpoint or require(NETWORK_WEIGHTS[runtime.variant], runtime.weights_dir)
+    path = runtime.network_file or require(NETWORK_WEIGHTS[runtime.variant], runtime.weights_dir)
     return {key: value.dtype for key, value in read_state_dict(path).items()}
 
 

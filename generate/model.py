@@ -15,7 +15,7 @@ RUN_CONFIG = "config.json"
 
 @dataclass
 class ModelSource:
-    runtime: Runtime = field(default_factory=Runtime)  # the base network (variant, checkpoint) and the rest
+    runtime: Runtime = field(default_factory=Runtime)  # the base network (variant, file) and the rest
     adapter: Path | None = None  # None: the base model
 
     def load(self, lora_scale: float = 1.0) -> MMAudio:
@@ -62,6 +62,6 @@ def resolve_source(run: Path | None = None, adapter: Path | None = None, profile
     recorded = adapter_info(adapter) if adapter is not None and adapter.is_dir() else {}
     runtime = Runtime(variant=variant or settings.get("variant") or recorded.get("variant"),
                       profile=profile or settings.get("profile") or recorded.get("profile") or "real",
-                      checkpoint=checkpoint or settings.get("checkpoint"),
+                      network_file=checkpoint or settings.get("checkpoint"),
                       weights_dir=weights_dir or settings.get("weights_dir"), device=device, precision=precision)
     return ModelSource(runtime, adapter)

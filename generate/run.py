@@ -21,7 +21,7 @@ from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
 from shared.outputs import claim_generated_folder
 from shared.runtime import Runtime
-from shared.sequence import DEFAULT_DURATION_SEC
+from shared.sequence import DEFAULT_WINDOW_SEC
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
                               use_duration)
 
@@ -113,7 +113,7 @@ def collect_requests(job: GenerateJob) -> list[Request]:
     for file in _video_files(job.videos):
         requests.append(Request(file.stem, file, caption=caption))
     if job.tsv is not None:
-        from shared.clips import read_clip_list
+        from shared.clip_list import read_clip_list
 
         for clip in read_clip_list(job.tsv, job.video_root or job.tsv.parent):
             requests.append(Request(clip.id, clip.video, clip.start_sec, clip.end_sec,
@@ -168,7 +168,7 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
     """Decode and encode one request's video (or read its stored features); raises MediaError."""
     if request.feature_row is not None:
         row = request.feature_row
-        stored_duration = DEFAULT_DURATION_SEC if stored.duration_sec is None else float(stored.duration_sec[row])
+        stored_duration = DEFAULT_WINDOW_SEC if stored.duration_sec is None else float(stored.duration_sec[row])
         text = stored.text_features[row].clone() if job.prompt is None else None
         prepared = Prepared(request, job.duration or stored_duration, stored.clip_features[row].clone(),
                             stored.sync_features[row].clone(), text)
@@ -176,14 +176,14 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
         from shared.media import load_video
 
         frames = load_video(request.video, request.start_sec, request.end_sec,
-                            window_sec=max(DEFAULT_DURATION_SEC, job.duration or 0.0))
+                            window_sec=max(DEFAULT_WINDOW_SEC, job.duration or 0.0))
         if job.duration and job.duration > frames.duration_sec + 0.05:
             log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s", request.video.name,
                         frames.duration_sec, job.duration)
         clip_features, sync_features = encoders.video(frames.clip_frames, frames.sync_frames)
         prepared = Prepared(request, job.duration or frames.duration_sec, clip_features, sync_features, None)
     else:
-        prepared = Prepared(request, job.duration or DEFAULT_DURATION_SEC, None, None, None)
+        prepared = Prepared(request, job.duration or DEFAULT_WINDOW_SEC, None, None, None)
     try:  # a duration the network or the features cannot serve
         seq = encoders.runtime.sequence(prepared.duration)
         if prepared.clip_features is not None:
@@ -198,7 +198,7 @@ def check_weights(runtime: Runtime, encoders_needed: bool) -> None:
     from shared.weights import CLIP_WEIGHTS, NETWORK_WEIGHTS, SYNCHFORMER_WEIGHTS, MissingWeightsError, check_files
 
     variant = runtime.variant
-    skip = {NETWORK_WEIGHTS[variant]} if runtime.checkpoint else set()
+    skip = {NETWORK_WEIGHTS[variant]} if runtime.network_file else set()
     if not encoders_needed:
         skip |= {CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS}
     missing = [status.weight_file for status in check_files(variant, runtime.weights_dir)

@@ -29,7 +29,7 @@ class DemoResult:
 
 def write_demo_clips(root: Path) -> Path:
     """The synthetic dataset in the user's layout: title folders and a segment TSV."""
-    from precompute.synthetic import ClipSpec, write_clip
+    from precompute.demo_clips import ClipSpec, write_clip
 
     lines = ["video_path\tstart_time\tend_time\tcaption"]
     for index, (duration, tone) in enumerate(DEMO_CLIPS):

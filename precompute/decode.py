@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset, get_worker_info
 
-from shared.clips import Clip
+from shared.clip_list import ClipEntry
 from shared.media import MediaError, Segment, load_segment
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class SegmentDataset(Dataset):
     """Item i: (i, Segment, None) when clip i decodes, else (i, None, the reason it was skipped)."""
 
-    def __init__(self, clips: list[Clip], window_sec: float, mode: str, markers: Path | None = None):
+    def __init__(self, clips: list[ClipEntry], window_sec: float, mode: str, markers: Path | None = None):
         self.clips = clips
         self.window_sec = window_sec
         self.mode = mode

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shared.clips import Clip, read_clip_list, split_into_windows
+from shared.clip_list import ClipEntry, read_clip_list, split_into_windows
 from shared.errors import UserError
 from precompute.store import (
     FORMAT_VERSION,
@@ -52,7 +52,7 @@ class FeatureJob:
 
 @dataclass
 class Item:
-    clip: Clip
+    entry: ClipEntry  # its row of the clip list
     media_key: str
     text_key: str
 
@@ -104,30 +104,30 @@ def _file_identity(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def plan(job: FeatureJob, weights: dict[str, str]) -> list[Item]:
+def plan(job: FeatureJob, encoder_weights: dict[str, str]) -> list[Item]:
     """Every output row with its fingerprints; cheap (reads the list and stats the files)."""
-    clips = read_clip_list(job.tsv, job.video_root, job.allow_symlinks)
+    entries = read_clip_list(job.tsv, job.video_root, job.allow_symlinks)
     if job.split_long:
         from shared.media import probe_duration
 
-        clips = [piece for clip in clips
-                 for piece in split_into_windows(clip if clip.end_sec is not None else
-                                                 _with_probed_end(clip, probe_duration), job.window_sec)]
+        entries = [piece for entry in entries
+                   for piece in split_into_windows(entry if entry.end_sec is not None else
+                                                   _with_probed_end(entry, probe_duration), job.window_sec)]
     settings = [FORMAT_VERSION, job.runtime.mode, job.window_sec, job.runtime.profile]
-    return [Item(clip,
-                 media_key=_digest(settings, weights["clip"], weights["synchformer"], weights["vae"],
-                                   _file_identity(clip.video), clip.start_sec, clip.end_sec),
-                 text_key=_digest(FORMAT_VERSION, job.runtime.profile, weights["clip"], clip.caption))
-            for clip in clips]
+    return [Item(entry,
+                 media_key=_digest(settings, encoder_weights["clip"], encoder_weights["synchformer"],
+                                   encoder_weights["vae"], _file_identity(entry.video), entry.start_sec, entry.end_sec),
+                 text_key=_digest(FORMAT_VERSION, job.runtime.profile, encoder_weights["clip"], entry.caption))
+            for entry in entries]
 
 
-def _with_probed_end(clip: Clip, probe_duration) -> Clip:
-    duration = probe_duration(clip.video)
-    return clip if duration is None else replace(clip, end_sec=duration)
+def _with_probed_end(entry: ClipEntry, probe_duration) -> ClipEntry:
+    duration = probe_duration(entry.video)
+    return entry if duration is None else replace(entry, end_sec=duration)
 
 
 def _entries(items: list[Item]) -> list[list[str]]:
-    return [[item.clip.id, item.clip.caption, item.media_key, item.text_key] for item in items]
+    return [[item.entry.id, item.entry.caption, item.media_key, item.text_key] for item in items]
 
 
 def run_features(job: FeatureJob, show_progress: bool = True) -> FeatureSummary:
@@ -141,10 +141,11 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     """Plan → (nothing changed: done) → encode what is missing → assemble and swap in the output."""
     started = time.perf_counter()
     recover(job.out)
-    weights = job.runtime.encoder_weights()
-    items = plan(job, weights)
+    encoder_weights = job.runtime.encoder_weights()
+    items = plan(job, encoder_weights)
     manifest = read_manifest(job.out)
-    if manifest is not None and manifest.get("entries") == _entries(items) and manifest.get("weights") == weights:
+    if (manifest is not None and manifest.get("entries") == _entries(items)
+            and manifest.get("weights") == encoder_weights):
         return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=manifest.get("skipped", []),
                        seconds=time.perf_counter() - started)
 
@@ -160,7 +161,7 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
                       timings=encoded.timings, models_loaded=encoded.models, main_process=ranks.is_main)
     if ranks.is_main:
         written = time.perf_counter()
-        summary.skipped, summary.padded = _assemble(job, items, weights, previous, cache)
+        summary.skipped, summary.padded = _assemble(job, items, encoder_weights, previous, cache)
         summary.timings["write"] = time.perf_counter() - written
     summary.seconds = time.perf_counter() - started
     return summary
@@ -221,7 +222,7 @@ def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput
     return Encoded(ranks.total(media), ranks.total(text), timings, job.runtime.loaded_models)
 
 
-def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: PreviousOutput,
+def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previous: PreviousOutput,
               cache: WorkCache) -> tuple[list[str], int]:
     """Write the new output (kept clips, manifest, skip report) and swap it in: (skip lines, padded clips)."""
     from shared import __version__
@@ -232,7 +233,7 @@ def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: Previ
         if reason is None:
             kept.append(item)
         else:
-            skipped.append(f"row {item.clip.row} ({item.clip.id}): {item.clip.video}: {reason}")
+            skipped.append(f"row {item.entry.row} ({item.entry.id}): {item.entry.video}: {reason}")
     for line in skipped:
         log.warning("skipped %s", line)
     if job.strict and skipped:
@@ -246,13 +247,13 @@ def _assemble(job: FeatureJob, items: list[Item], weights: dict, previous: Previ
 
     manifest = {
         "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
-        "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec, "weights": weights,
+        "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec, "weights": encoder_weights,
         "entries": _entries(items), "rows": _entries(kept), "skipped": skipped,
-        "clips": [{"id": i.clip.id, "row": i.clip.row, "video": str(i.clip.video), "start_sec": i.clip.start_sec,
-                   "end_sec": i.clip.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
+        "clips": [{"id": i.entry.id, "row": i.entry.row, "video": str(i.entry.video), "start_sec": i.entry.start_sec,
+                   "end_sec": i.entry.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
     }
     shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
-    write_output(job.out, [{"id": i.clip.id, "label": i.clip.caption} for i in kept], shapes, fetch, manifest,
+    write_output(job.out, [{"id": i.entry.id, "label": i.entry.caption} for i in kept], shapes, fetch, manifest,
                  skipped)
     cache.clear()
     durations = load_rows(job.out)["duration_sec"]
@@ -318,7 +319,7 @@ def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCa
 
     from precompute.decode import SegmentDataset, collate_segments
 
-    dataset = SegmentDataset([i.clip for i in todo], job.window_sec, job.runtime.mode, markers)
+    dataset = SegmentDataset([i.entry for i in todo], job.window_sec, job.runtime.mode, markers)
     loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=workers, collate_fn=collate_segments)
     encoded = 0
     batches = iter(loader)
@@ -344,7 +345,7 @@ def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCa
 def _encode_text(todo: list[Item], encoder, cache: WorkCache, batch_size: int) -> int:
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        features = encoder.encode_text([item.clip.caption for item in chunk])
+        features = encoder.encode_text([item.entry.caption for item in chunk])
         for row, item in enumerate(chunk):
             cache.put("text", item.text_key, {TEXT_KEY: features[row]})
     return len(todo)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from shared.device import check_precision
 from shared.errors import UserError
 from shared.profiles import check_profile
-from shared.sequence import AUDIO_MODES, DEFAULT_DURATION_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
+from shared.sequence import AUDIO_MODES, DEFAULT_WINDOW_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
 
 if TYPE_CHECKING:
     import torch
@@ -37,14 +37,14 @@ class Runtime:
     """What the models are, where they run, and the models once loaded.
 
     The audio mode follows from the variant; give `mode` alone when no network is involved
-    (features) or the variant is to be read from `checkpoint`. Without either, the mode is that
+    (features) or the variant is to be read from `network_file`. Without either, the mode is that
     of the default variant."""
 
     variant: str | None = None
     mode: str | None = None
     profile: str = "real"
     weights_dir: str | os.PathLike | None = None  # official files (real); default data/weights
-    checkpoint: str | os.PathLike | None = None  # base network file (real); default the variant's
+    network_file: str | os.PathLike | None = None  # base network (real; --checkpoint); default the variant's
     device: str = "auto"  # auto (CUDA when usable), cpu, cuda, cuda:N
     precision: str = "auto"  # shared.device.mixed_precision
     load_seconds: float = field(default=0.0, init=False)  # time spent loading models
@@ -55,14 +55,14 @@ class Runtime:
         check_precision(self.precision)
         if self.variant is not None:
             self._agree(mode_of(self.variant), f"variant {self.variant}")
-        elif self.mode is None and (self.checkpoint is None or self.profile == "tiny"):
+        elif self.mode is None and (self.network_file is None or self.profile == "tiny"):
             self.variant, self.mode = DEFAULT_VARIANT, mode_of(DEFAULT_VARIANT)
         if self.mode is not None and self.mode not in AUDIO_MODES:
             raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.weights_dir is not None:
             self.weights_dir = str(self.weights_dir)
-        if self.checkpoint is not None:
-            self.checkpoint = str(self.checkpoint)
+        if self.network_file is not None:
+            self.network_file = str(self.network_file)
 
     def _agree(self, mode: str, source: str) -> None:
         if self.mode is not None and self.mode != mode:
@@ -71,21 +71,21 @@ class Runtime:
         self.mode = mode
 
     # -- what follows from the settings (no torch) -------------------------------------------------
-    def sequence(self, duration_sec: float = DEFAULT_DURATION_SEC) -> SequenceConfig:
-        """The stream lengths of a window of `duration_sec` in this runtime's mode."""
-        return SequenceConfig(self.audio_mode, duration_sec)
+    def sequence(self, window_sec: float = DEFAULT_WINDOW_SEC) -> SequenceConfig:
+        """The stream lengths of a window of `window_sec` in this runtime's mode."""
+        return SequenceConfig(self.audio_mode, window_sec)
 
     @property
     def audio_mode(self) -> str:
-        if self.mode is None:  # only the checkpoint knows: its shapes give the variant
+        if self.mode is None:  # only the network file knows: its shapes give the variant
             self.network()
         return self.mode
 
-    def data_dim(self, duration_sec: float = DEFAULT_DURATION_SEC) -> dict[str, int]:
+    def data_dim(self, window_sec: float = DEFAULT_WINDOW_SEC) -> dict[str, int]:
         """ExtractedVGG's `data_dim` for this mode and profile."""
         from shared.features import data_dim
 
-        return data_dim(self.sequence(duration_sec), self.feature_dims)
+        return data_dim(self.sequence(window_sec), self.feature_dims)
 
     @property
     def feature_dims(self) -> FeatureDims:
@@ -140,17 +140,17 @@ class Runtime:
         return self._models[name]
 
     def network(self):
-        """The base network (the variant's official file or `checkpoint`; tiny: deterministic), on
+        """The base network (`network_file`, else the variant's official file; tiny: deterministic), on
         the CPU. Callers adapt it in place (LoRA, a merged adapter): a runtime serves one model."""
         def load():
             from shared.lora import base_network
 
             variant = self.variant
-            if variant is None and not (self.profile == "real" and self.checkpoint):
+            if variant is None and not (self.profile == "real" and self.network_file):
                 variant = VARIANT_OF_MODE[self.mode]
-            network, variant = base_network(self.profile, self.checkpoint, variant, self.weights_dir)
+            network, variant = base_network(self.profile, self.network_file, variant, self.weights_dir)
             if self.variant is None:
-                self._agree(mode_of(variant), f"{self.checkpoint} (variant {variant})")
+                self._agree(mode_of(variant), f"{self.network_file} (variant {variant})")
                 self.variant = variant
             return network
         return self._load("network", load)

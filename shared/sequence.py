@@ -25,7 +25,7 @@ SYNC_WINDOW_FRAMES = 16
 SYNC_WINDOW_STRIDE = 8
 SYNC_TOKENS_PER_WINDOW = 8
 TEXT_SEQ_LEN = 77
-DEFAULT_DURATION_SEC = 8.0
+DEFAULT_WINDOW_SEC = 8.0
 
 
 def mode_of(variant: str) -> str:
@@ -36,17 +36,17 @@ def mode_of(variant: str) -> str:
 
 @dataclass(frozen=True)
 class SequenceConfig:
-    """The lengths of every stream for one audio mode and window duration."""
+    """The lengths of every stream for one audio mode and window length."""
 
     mode: str = "16k"
-    duration_sec: float = DEFAULT_DURATION_SEC
+    window_sec: float = DEFAULT_WINDOW_SEC  # the model's window (a clip's content may be shorter)
 
     def __post_init__(self) -> None:
         if self.mode not in AUDIO_MODES:
             raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.sync_windows < 1:
             raise UserError(
-                f"duration {self.duration_sec} s is too short: Synchformer needs at least "
+                f"duration {self.window_sec} s is too short: Synchformer needs at least "
                 f"{SYNC_WINDOW_FRAMES / SYNC_FPS:.2f} s of video"
             )
 
@@ -65,15 +65,15 @@ class SequenceConfig:
 
     @property
     def latent_seq_len(self) -> int:
-        return self.latent_frames(self.duration_sec)
+        return self.latent_frames(self.window_sec)
 
     @property
     def clip_seq_len(self) -> int:
-        return int(self.duration_sec * CLIP_FPS)
+        return int(self.window_sec * CLIP_FPS)
 
     @property
     def sync_frames(self) -> int:
-        return int(self.duration_sec * SYNC_FPS)
+        return int(self.window_sec * SYNC_FPS)
 
     @property
     def sync_windows(self) -> int:

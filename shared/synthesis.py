@@ -42,8 +42,8 @@ def crop_video_features(clip_features: torch.Tensor, sync_features: torch.Tensor
     Synchformer window on its own, and both are taken at fixed times from the clip's start.
     """
     if clip_features.shape[1] < seq.clip_seq_len or sync_features.shape[1] < seq.sync_seq_len:
-        raise ValueError(f"features cover {clip_features.shape[1] / seq.clip_seq_len * seq.duration_sec:.2f} s, "
-                         f"less than the {seq.duration_sec} s asked for")
+        raise ValueError(f"features cover {clip_features.shape[1] / seq.clip_seq_len * seq.window_sec:.2f} s, "
+                         f"less than the {seq.window_sec} s asked for")
     return clip_features[:, :seq.clip_seq_len], sync_features[:, :seq.sync_seq_len]
 
 
@@ -87,7 +87,7 @@ def sample_stored_clips(runtime: Runtime, network: MMAudio, clips: dict[str, tor
     durations = [float(d) for d in clips["duration_sec"]]
     try:
         for rows in duration_batches(durations, batch_size):
-            seq = SequenceConfig(network.config.mode, durations[rows[0]])
+            seq = runtime.sequence(durations[rows[0]])
             use_duration(network, seq)
             index = torch.tensor(rows)
             clip_f, sync_f = crop_video_features(clips["clip_features"][index], clips["sync_features"][index], seq)

@@ -57,7 +57,7 @@ def trained_run(features, tmp_path_factory) -> Path:
 def features(tmp_path_factory):
     """Tiny-profile features of six generated clips of 2-8 s (a real precompute run)."""
     from precompute.run import FeatureJob, run_features
-    from precompute.synthetic import ClipSpec, write_clip
+    from precompute.demo_clips import ClipSpec, write_clip
 
     root = tmp_path_factory.mktemp("train-data")
     lines = ["video_path\tstart_time\tend_time\tcaption"]

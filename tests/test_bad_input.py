@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from mmaudio_lora.cli import app
 from precompute.run import FeatureJob, run_features
-from precompute.synthetic import ClipSpec, write_clip
-from shared.clips import ClipListError, read_clip_list
+from precompute.demo_clips import ClipSpec, write_clip
+from shared.clip_list import ClipListError, read_clip_list
 from shared.errors import UserError
 from shared.outputs import OutputError
 from shared.runtime import Runtime

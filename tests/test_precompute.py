@@ -13,9 +13,9 @@ from tensordict import TensorDict
 from typer.testing import CliRunner
 
 from mmaudio_lora.cli import app
-from shared.clips import ClipListError, read_clip_list
+from shared.clip_list import ClipListError, read_clip_list
 from precompute.run import FeatureJob, StrictModeError, run_features
-from precompute.synthetic import ClipSpec, write_clip
+from precompute.demo_clips import ClipSpec, write_clip
 from shared.features import FeatureFormatError, data_dim, open_feature_dir
 from shared.profiles import feature_dims
 from shared.runtime import Runtime

@@ -13,7 +13,7 @@ from shared.runtime import Runtime
     ({"variant": "small_16k"}, "small_16k", "16k"),
     ({"variant": "medium_44k", "mode": "44k"}, "medium_44k", "44k"),
     ({"mode": "16k"}, None, "16k"),  # features alone: no network named
-    ({"checkpoint": "x.pth"}, None, None),  # the checkpoint's shapes will tell
+    ({"network_file": "x.pth"}, None, None),  # the file's shapes will tell
 ])
 def test_the_mode_follows_the_variant(options, variant, mode):
     runtime = Runtime(**options)

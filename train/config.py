@@ -113,7 +113,7 @@ class TrainConfig:
                                      f"{self.variant} takes ({mode_of(self.variant)}); recompute them with "
                                      f"`mmaudio-lora features --variant {self.variant}` or train a {mode} variant")
         return Runtime(variant=self.variant, mode=mode, profile=self.profile, weights_dir=self.weights_dir,
-                       checkpoint=self.checkpoint, device=self.device, precision=self.precision)
+                       network_file=self.checkpoint, device=self.device, precision=self.precision)
 
     def save(self, path: Path) -> None:
         from shared.outputs import atomic_write_text

@@ -81,7 +81,7 @@ class Trainer:
         self.network = runtime.network()
         config.variant = runtime.variant
         self.window = runtime.sequence()
-        features = FeatureSet.load(config.features, runtime.data_dim(), self.window.duration_sec)
+        features = FeatureSet.load(config.features, runtime.data_dim(), self.window.window_sec)
         train_index, val_index = split(features.ids, config.val_fraction, config.val_ids)
         self.train_set = features.subset(train_index)
         self.val_set = features.subset(val_index) if val_index else None
@@ -118,7 +118,7 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def _buckets(self, clips: FeatureSet) -> list[float]:
         durations = clips.tensors["duration_sec"].tolist()
-        return bucket_lengths(durations, self.config.length_bucket_sec, self.window.duration_sec)
+        return bucket_lengths(durations, self.config.length_bucket_sec, self.window.window_sec)
 
     def batch(self, position: int) -> tuple[SequenceConfig, dict[str, torch.Tensor]]:
         """Batch number `position` of the run (this rank's rows), at its bucket's length."""

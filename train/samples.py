@@ -32,7 +32,7 @@ class TrainingSamples:
         for rows, seq, latents in sample_stored_clips(self.runtime, network, self.clips.tensors, self.settings):
             audio = self.decoder.waveform(latents)
             for row, n in enumerate(rows):
-                samples = audio[row, :round(seq.duration_sec * rate)]
+                samples = audio[row, :round(seq.window_sec * rate)]
                 clip_id = self.clips.ids[n]
                 written.append(write_wav(self.folder / f"step-{step:06d}" / f"{clip_id}.wav", samples, rate))
                 if tensorboard is not None:

@@ -22,7 +22,7 @@ class ClipListError(UserError):
 
 
 @dataclass(frozen=True)
-class Clip:
+class ClipEntry:
     row: int  # line number in the TSV (the header is line 1)
     id: str
     video: Path
@@ -63,7 +63,7 @@ def _read_text(tsv: Path) -> str:
                             "save the list as UTF-8") from None
 
 
-def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool = False) -> list[Clip]:
+def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool = False) -> list[ClipEntry]:
     """Every clip of the list, validated; one ClipListError naming all the bad rows.
 
     The list is TSV as spreadsheets write it: a field in double quotes may hold tabs and quotes.
@@ -129,7 +129,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
         if refusal is not None:
             problems.setdefault(refusal, []).append(line)
             continue
-        clips.append(Clip(line, clip_id, video, start, end, record[caption_column]))
+        clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column]))
     if problems:
         raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))
     clips = _assign_ids(clips, video_root.resolve())
@@ -143,7 +143,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
     return clips
 
 
-def _assign_ids(clips: list[Clip], root: Path) -> list[Clip]:
+def _assign_ids(clips: list[ClipEntry], root: Path) -> list[ClipEntry]:
     """Derive a stable, filesystem-safe id where the list gives none: the path (and the times,
     when one file has several segments); a short hash of the path settles rare collisions."""
     per_file: dict[Path, int] = {}
@@ -166,7 +166,7 @@ def _assign_ids(clips: list[Clip], root: Path) -> list[Clip]:
             for c, original in zip(derived, clips)]
 
 
-def split_into_windows(clip: Clip, window_sec: float, min_last_sec: float = 1.0) -> list[Clip]:
+def split_into_windows(clip: ClipEntry, window_sec: float, min_last_sec: float = 1.0) -> list[ClipEntry]:
     """Consecutive windows of a long segment (`--split-long`); a last piece shorter than
     `min_last_sec` is dropped (too little to learn from once padded)."""
     if clip.end_sec is None or clip.end_sec - clip.start_sec <= window_sec + 1e-6:
