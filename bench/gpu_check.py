@@ -369,7 +369,7 @@ def user_path(check: Check) -> None:
     video = check.examples[0] if check.examples else videos / "generated0.mp4"
     commands = {
         "features": ["features", "--tsv", str(tsv), "--video-root", str(videos), "--out",
-                     str(check.workdir / "features"), "--mode", "44k", "--allow-symlinks", "--device",
+                     str(check.workdir / "features"), "--variant", VARIANT, "--allow-symlinks", "--device",
                      str(check.device), *common, *real_only],
         "train (20 steps)": ["train", "--features", str(check.workdir / "features"), "--run", str(run),
                              "--variant", VARIANT, "--steps", "20", "--batch-size", "2", "--device",

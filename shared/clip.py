@@ -68,13 +68,27 @@ class ClipEncoder(nn.Module):
 
 
 def build_clip(profile: str = "real") -> ClipEncoder:
-    """The architecture without weights (random init); see `load_clip` for the real weights."""
+    """The architecture with zeroed weights, to be filled or loaded (`load_clip`).
+
+    Built on the meta device: a random initialisation of 1 B parameters costs seconds and is
+    overwritten anyway. The one table that is not a weight, the text tower's causal mask, is
+    made again as open_clip makes it."""
     import open_clip
     from open_clip.model import CLIP
 
     config = clip_model_config(profile)
-    model = CLIP(**config).eval()
-    return ClipEncoder(model, open_clip.get_tokenizer(MODEL_NAME))
+    with torch.device("meta"):
+        model = CLIP(**config)
+    derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    if derived != {"attn_mask"}:  # another open_clip layout: build it the slow way
+        model = CLIP(**config)
+    else:
+        model = model.to_empty(device="cpu")
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+        context = model.attn_mask.shape[0]
+        model.attn_mask = torch.full((context, context), float("-inf")).triu_(1)
+    return ClipEncoder(model.eval(), open_clip.get_tokenizer(MODEL_NAME))
 
 
 def load_clip(profile: str = "real", weights_dir: str | os.PathLike | None = None,

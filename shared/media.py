@@ -69,23 +69,31 @@ class _FramePicker:
         return len(self.picked) >= self.count
 
 
+def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic, antialiased, on uint8: torch's own uint8 kernel, the one torchvision's v2 resize
+    runs for uint8 on the CPU (called directly: torchvision's import costs seconds per process)."""
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(frames, size=[height, width], mode="bicubic", align_corners=False, antialias=True)
+
+
 def _resize_clip(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) → float (N, 3, 384, 384) in [0, 1]; aspect ratio not kept.
 
-    On uint8, with torchvision's bicubic antialiased resize: exactly what the reference runs, and
-    5x faster than resizing in float (measured in bench/precompute.py)."""
-    from torchvision.transforms.v2 import InterpolationMode, functional as TF
-
-    resized = TF.resize(frames, [CLIP_SIZE, CLIP_SIZE], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return resized.float().div_(255.0)
+    Resized on uint8 exactly as the reference does, and 5x faster than resizing in float
+    (measured in bench/precompute.py)."""
+    return _resize_uint8(frames, CLIP_SIZE, CLIP_SIZE).float().div_(255.0)
 
 
 def _resize_sync(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) → short side 224 (uint8, bicubic, antialiased), center crop 224 → float in [-1, 1]."""
-    from torchvision.transforms.v2 import InterpolationMode, functional as TF
-
-    resized = TF.resize(frames, SYNC_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    cropped = TF.center_crop(resized, [SYNC_SIZE, SYNC_SIZE]).float().div_(255.0)
+    height, width = frames.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    scaled_long = int(SYNC_SIZE * long / short)  # torchvision's rounding of the long side
+    resized = _resize_uint8(frames, *((SYNC_SIZE, scaled_long) if height <= width else (scaled_long, SYNC_SIZE)))
+    top = int(round((resized.shape[-2] - SYNC_SIZE) / 2.0))
+    left = int(round((resized.shape[-1] - SYNC_SIZE) / 2.0))
+    cropped = resized[..., top:top + SYNC_SIZE, left:left + SYNC_SIZE].float().div_(255.0)
     return cropped.sub_(0.5).div_(0.5)
 
 

@@ -1,9 +1,13 @@
 """Shared test fixtures: the reference goldens that live beside the checkout."""
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,6 +71,43 @@ def features(tmp_path_factory):
         lines.append(f"c{index}.mp4\t0\t{duration}\tsound {index}")
     (root / "clips.tsv").write_text("\n".join(lines) + "\n")
     out = root / "features"
-    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out, runtime=Runtime(mode="16k", profile="tiny"),
-                            workers=0), show_progress=False)
+    run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out,
+                            runtime=Runtime(mode="16k", profile="tiny"), workers=0), show_progress=False)
     return out
+
+
+PROJECT_PACKAGES = ("shared", "precompute", "train", "generate", "mmaudio_lora")
+
+
+class _ImportRefusal(importlib.abc.MetaPathFinder):
+    """A finder that refuses the modules named (and their submodules), remembering each request."""
+
+    def __init__(self, refused: tuple[str, ...]):
+        self.refused, self.attempts = refused, []
+
+    def find_spec(self, name, path=None, target=None):
+        if name in self.refused or name.startswith(tuple(f"{module}." for module in self.refused)):
+            self.attempts.append(name)
+            raise ImportError(f"{name} is refused in this test")
+        return None
+
+
+@contextlib.contextmanager
+def imports_refused(*modules: str) -> Iterator[_ImportRefusal]:
+    """Inside: the project's modules import anew, as in a fresh interpreter but without paying for
+    one, and the modules named (with their submodules) cannot be imported; `.attempts` lists every
+    request for one. Afterwards every module is as it was."""
+    saved = dict(sys.modules)
+    for name in list(sys.modules):
+        if name.split(".")[0] in PROJECT_PACKAGES or name in modules or name.startswith(
+                tuple(f"{module}." for module in modules)):
+            del sys.modules[name]
+    refusal = _ImportRefusal(modules)
+    sys.meta_path.insert(0, refusal)
+    try:
+        yield refusal
+    finally:
+        sys.meta_path.remove(refusal)
+        for name in [name for name in sys.modules if name not in saved]:
+            del sys.modules[name]
+        sys.modules.update(saved)

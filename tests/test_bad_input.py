@@ -172,18 +172,21 @@ def test_generate_and_export_refuse_paths_they_did_not_write(tmp_path):
 
 # -- odd media ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("codec", ["aac", "pcm_s16le"])
-def test_eight_channel_audio_decodes_in_a_child_process(codec, tmp_path):
-    """7.1 audio once crashed PyAV's planar conversion (a segmentation fault): run it where a
-    crash cannot take the test run down, and check the downmix is the channels' mean."""
-    path = write_media(tmp_path / ("surround.mp4" if codec == "aac" else "surround.mkv"), 2.0, layout="7.1",
-                       codec=codec, tone_at=0.5)
-    script = ("import sys, torch; from shared.media import load_segment; s = load_segment(sys.argv[1], 0, 2.0); "
-              "print(s.audio.shape[0], float(s.audio.abs().max()), s.duration_sec)")
-    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, cwd=REPO)
+def test_eight_channel_audio_decodes_in_a_child_process(tmp_path):
+    """7.1 audio (AAC and PCM) once crashed PyAV's planar conversion (a segmentation fault): decode
+    it where a crash cannot take the test run down, and check the downmix is the channels' mean."""
+    paths = [write_media(tmp_path / "surround.mp4", 2.0, layout="7.1", codec="aac", tone_at=0.5),
+             write_media(tmp_path / "surround.mkv", 2.0, layout="7.1", codec="pcm_s16le", tone_at=0.5)]
+    script = ("import sys; from shared.media import load_segment\n"
+              "for path in sys.argv[1:]:\n"
+              "    s = load_segment(path, 0, 2.0); print(s.audio.shape[0], float(s.audio.abs().max()), s.duration_sec)")
+    result = subprocess.run([sys.executable, "-c", script, *map(str, paths)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    samples, peak, duration = result.stdout.split()
-    assert int(samples) == 128000 and 0.8 < float(peak) <= 1.0 and float(duration) == 2.0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:  # AAC, then PCM
+        samples, peak, duration = line.split()
+        assert int(samples) == 128000 and 0.8 < float(peak) <= 1.0 and float(duration) == 2.0
 
 
 def test_audio_that_starts_after_the_picture_keeps_its_place(tmp_path):

@@ -1,8 +1,6 @@
 """Using the result: generation, evaluation, training samples and the demo, with the tiny profile
 on real files (real decoding, real memmaps, real mp4 and wav output)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from shared.runtime import Runtime
 from shared.synthesis import SamplingSettings
 from shared.weights import MissingWeightsError
 
-from conftest import EXAMPLE_DATA, FEATURE_CLIP_SECONDS
+from conftest import EXAMPLE_DATA, FEATURE_CLIP_SECONDS, imports_refused
 
 EXAMPLE = EXAMPLE_DATA / "example_videos" / "F8Zt3mYlOqU_000094.mp4"
 FAST = SamplingSettings(steps=2)
@@ -45,10 +43,10 @@ def run(trained_run) -> Path:
 
 def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):
     out = tmp_path / "out"
-    finished = subprocess.run([sys.executable, "-m", "mmaudio_lora", "generate", "--run", str(run), "--video",
-                               str(EXAMPLE), "--out", str(out), "--profile", "tiny", "--prompt", "a dog barks",
-                               "--steps", "2", "--cfg", "4.5", "--seed", "3"], capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr
+    finished = CliRunner().invoke(app, ["generate", "--run", str(run), "--video", str(EXAMPLE), "--out", str(out),
+                                        "--profile", "tiny", "--prompt", "a dog barks", "--steps", "2", "--cfg",
+                                        "4.5", "--seed", "3"])
+    assert finished.exit_code == 0, finished.output
     audio, rate = read_audio(out / f"{EXAMPLE.stem}.wav")
     assert rate == 16000 and audio.shape[0] == 8 * 16000  # a 10 s clip is trimmed to the 8 s window
     assert np.isfinite(audio).all() and audio.std() > 1e-3
@@ -60,21 +58,15 @@ def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):
 def test_features_give_the_video_s_audio_without_any_encoder(run, features, tmp_path):
     """A 3.5 s clip from its stored features (encoders never imported) equals the same clip
     decoded and encoded from its video with its caption as prompt."""
-    script = f"""
-import sys
-from pathlib import Path
-from generate.model import resolve_source
-from generate.run import GenerateJob, generate
-from shared.synthesis import SamplingSettings
-summary = generate(GenerateJob(out=Path({str(tmp_path / 'stored')!r}), source=resolve_source(run=Path({str(run)!r})),
-                               features=Path({str(features)!r}), ids=["c1"], sampling=SamplingSettings(steps=2)),
-                   show_progress=False)
-loaded = [m for m in sys.modules if m.startswith(("open_clip", "shared.clip", "shared.synchformer", "shared.mel"))]
-assert not loaded, loaded
-assert summary.models_loaded == ["network", "vae decoder", "vocoder"], summary.models_loaded
-"""
-    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr
+    with imports_refused("open_clip", "shared.clip", "shared.synchformer", "shared.mel") as refused:
+        from generate.model import resolve_source as resolve_anew
+        from generate.run import GenerateJob as JobAnew, generate as generate_anew
+        from shared.synthesis import SamplingSettings as SamplingAnew
+
+        summary = generate_anew(JobAnew(out=tmp_path / "stored", source=resolve_anew(run=run), features=features,
+                                        ids=["c1"], sampling=SamplingAnew(steps=2)), show_progress=False)
+    assert refused.attempts == []
+    assert summary.models_loaded == ["network", "vae decoder", "vocoder"]
     stored, rate = read_audio(tmp_path / "stored" / "c1.wav")
     assert stored.shape[0] == 3.5 * rate
 

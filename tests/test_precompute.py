@@ -70,8 +70,8 @@ def dataset(tmp_path_factory):
 
 
 def _job(tsv, videos, out, **options) -> FeatureJob:
-    return FeatureJob(tsv=tsv, video_root=videos, out=out, runtime=Runtime(mode="16k", profile="tiny"), workers=0,
-                      batch_size=4, **options)
+    return FeatureJob(tsv=tsv, video_root=videos, out=out, runtime=Runtime(mode="16k", profile="tiny"),
+                      **{"workers": 0, "batch_size": 4, **options})
 
 
 def _load(out: Path):
@@ -262,7 +262,7 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
             ["city/portrait.mp4", 0, 3, "d"]]
     tsv = write_tsv(tmp_path / "clips.tsv", rows)
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    subprocess.run(_features_command(tsv, videos, clean), check=True, capture_output=True, cwd=REPO)
+    run_features(_job(tsv, videos, clean, batch_size=1), show_progress=False)  # the command's settings
 
     process = subprocess.Popen(_features_command(tsv, videos, resumed), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -276,9 +276,8 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     done = len(list(work.glob("*.safetensors")))
     assert 1 <= done < 4
 
-    result = subprocess.run(_features_command(tsv, videos, resumed), capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert f"({4 - done} encoded" in result.stdout
+    summary = run_features(_job(tsv, videos, resumed, batch_size=1), show_progress=False)
+    assert summary.encoded_media == 4 - done
     a, _ = _load(clean)
     b, _ = _load(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a.keys())
@@ -289,8 +288,7 @@ def test_two_processes_equal_one(dataset, tmp_path):
     rows = [["beach/short_2s.mp4", 0, 2.0, "a"], ["beach/mid_5s.mp4", 0, 5.3, "b"], ["city/portrait.mp4", 0, 3, "c"]]
     tsv = write_tsv(tmp_path / "clips.tsv", rows)
     single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run(_features_command(tsv, videos, single, ["--device", "cpu"]), check=True, capture_output=True,
-                   cwd=REPO)
+    run_features(_job(tsv, videos, single), show_progress=False)  # in this process: no startup to pay
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "mmaudio_lora"] + _features_command(tsv, videos, double, ["--device", "cpu"])[3:]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -358,3 +356,20 @@ print("TORCH", "torch" in sys.modules)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "up to date (6 clips, 0 skipped)" in result.stdout and "TORCH False" in result.stdout
+
+
+def test_uint8_resize_is_torchvision_s_bit_for_bit():
+    """Decoding resizes with torch's uint8 kernel directly; torchvision's v2 transforms (what the
+    reference runs) give the very same bytes, for landscape, portrait, odd and square sizes."""
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
+
+    from shared.media import _resize_clip, _resize_sync
+
+    bicubic = InterpolationMode.BICUBIC
+    for height, width in [(720, 1280), (1280, 720), (481, 853), (384, 384), (100, 300)]:
+        frames = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(height))
+        clip = TF.resize(frames, [384, 384], interpolation=bicubic, antialias=True).float().div_(255)
+        sync = TF.center_crop(TF.resize(frames, 224, interpolation=bicubic, antialias=True), [224, 224])
+        assert torch.equal(_resize_clip(frames), clip)
+        assert torch.equal(_resize_sync(frames), sync.float().div_(255).sub_(0.5).div_(0.5))
