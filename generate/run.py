@@ -185,7 +185,7 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
     else:
         prepared = Prepared(request, job.duration or DEFAULT_WINDOW_SEC, None, None, None)
     try:  # a duration the network or the features cannot serve
-        seq = encoders.runtime.sequence(prepared.duration)
+        seq = job.source.runtime.sequence(prepared.duration)
         if prepared.clip_features is not None:
             crop_video_features(prepared.clip_features[None], prepared.sync_features[None], seq)
     except ValueError as error:
@@ -264,7 +264,8 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
                     decoder: AudioDecoder, negative: torch.Tensor | None) -> torch.Tensor:
     """Audio (B, samples at the clips' duration) for a batch of equal duration."""
     duration = batch[0].duration
-    seq = encoders.runtime.sequence(duration)
+    runtime = job.source.runtime
+    seq = runtime.sequence(duration)
     use_duration(network, seq)
     if batch[0].clip_features is None:
         clip_features = network.get_empty_clip_sequence(len(batch)).detach().cpu()
@@ -276,7 +277,7 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
         text_features = torch.stack([p.text_features for p in batch])
     else:
         text_features = encoders.text([p.request.caption for p in batch])
-    latents = sample_latents(encoders.runtime, network, clip_features, sync_features, text_features, job.sampling, negative)
+    latents = sample_latents(runtime, network, clip_features, sync_features, text_features, job.sampling, negative)
     return decoder.waveform(latents)[:, :round(duration * seq.sampling_rate)]
 
 
