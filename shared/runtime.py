@@ -53,12 +53,12 @@ class Runtime:
     def __post_init__(self) -> None:
         check_profile(self.profile)
         check_precision(self.precision)
+        if self.mode is not None and self.mode not in AUDIO_MODES:
+            raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.variant is not None:
             self._agree(mode_of(self.variant), f"variant {self.variant}")
         elif self.mode is None and (self.network_file is None or self.profile == "tiny"):
             self.variant, self.mode = DEFAULT_VARIANT, mode_of(DEFAULT_VARIANT)
-        if self.mode is not None and self.mode not in AUDIO_MODES:
-            raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.weights_dir is not None:
             self.weights_dir = str(self.weights_dir)
         if self.network_file is not None:
@@ -66,8 +66,8 @@ class Runtime:
 
     def _agree(self, mode: str, source: str) -> None:
         if self.mode is not None and self.mode != mode:
-            raise UserError(f"{source} makes {mode} audio, but the audio mode is {self.mode} here; "
-                            f"give a {self.mode} variant, or features computed for {mode}")
+            raise UserError(f"{source} makes {mode} audio, not the {self.mode} audio asked for (--mode, or "
+                            "the features' mode)")
         self.mode = mode
 
     # -- what follows from the settings (no torch) -------------------------------------------------

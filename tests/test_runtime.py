@@ -21,7 +21,8 @@ def test_the_mode_follows_the_variant(options, variant, mode):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"variant": "large_44k_v2", "mode": "16k"}, "variant large_44k_v2 makes 44k audio, but the audio mode is 16k"),
+    ({"variant": "large_44k_v2", "mode": "16k"}, "variant large_44k_v2 makes 44k audio, not the 16k audio asked"),
+    ({"variant": "small_16k", "mode": "22k"}, "unknown audio mode '22k'"),
     ({"variant": "huge"}, "unknown network variant 'huge'"),
     ({"mode": "22k"}, "unknown audio mode '22k'"),
     ({"profile": "big"}, "unknown profile 'big'"),
@@ -48,5 +49,5 @@ def test_features_refuses_a_variant_and_a_mode_that_disagree(tmp_path):
     result = CliRunner().invoke(app, ["features", "--tsv", str(tmp_path / "clips.tsv"), "--out", str(tmp_path / "out"),
                                       "--variant", "large_44k_v2", "--mode", "16k"])
     assert result.exit_code == 1
-    assert "error: variant large_44k_v2 makes 44k audio, but the audio mode is 16k" in result.output
+    assert "error: variant large_44k_v2 makes 44k audio, not the 16k audio asked for" in result.output
     assert not (tmp_path / "out").exists()
