@@ -35,7 +35,7 @@ def _profile(variant: str) -> tuple[str, str]:
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_sampling(runtime: Runtime, network, batch: int, settings: SamplingSettings, repeats: int) -> float:

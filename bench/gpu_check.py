@@ -8,24 +8,31 @@ Sections (each one's failure is recorded and the others still run):
               Synchformer, VAE 44k, 44k vocoder; all filled by the reference's fill.py
   weights     official-layout weight files written under the official names into a temporary
               --weights-dir (what a user downloads), filled by fill.py
-  precompute  `features` on the example clips and generated ones: clips/s, decode wait vs encode,
-              batch size, peak GPU memory, and the time projected for 67 clips
-  training    LoRA on large_44k_v2, batch 8, bf16: steps/s, model FLOP utilisation, peak memory;
-              the same with gradient checkpointing; full fine-tuning for the ratio
+  precompute  `features` after a warm-up run (models loaded, CUDA started): the example clips and
+              enough generated ones that every decoding worker has a batch; steady-state clips/s,
+              decode wait vs encode, peak GPU memory, and the time projected for 67 clips
+  training    LoRA on large_44k_v2, batch 8, bf16: steps/s, the FLOPs of a step (forward and
+              backward, counted), model FLOP utilisation against the GPU's dense bf16 peak,
+              memory (allocated, reserved, the device's own figure); with gradient checkpointing;
+              full fine-tuning for the ratio
   generation  one 8 s clip, 25 Euler steps with CFG: sampling and decoding seconds
-  collectives all_reduce in a one-process group (NCCL on CUDA)
+  collectives all_reduce in a one-process group (NCCL on CUDA), then the trainer through DDP in a
+              one-rank torchrun-style group (device_ids, set_device, NCCL barrier)
   user path   the real-profile commands as a user runs them (the CLI, in this process): features
               → train (20 steps) → generate → export, each timed
-The table goes to stdout and everything to one JSON (--json, default $OUT/gpu_check.json or
-./gpu_check.json). On the device machine, carry `../shared/reference/fill.py` and the example
-clips into the checkout and point --reference / --examples at them.
+Each row is printed as soon as its section ends and the JSON (--json, default $OUT/gpu_check.json
+or ./gpu_check.json) is rewritten after every section, so a run cut short keeps what it measured.
+On the device machine, carry `../shared/reference/fill.py` and the example clips into the checkout
+and point --reference at the folder holding fill.py (the examples are its sibling data folder).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import runpy
+import socket
 import sys
 import tempfile
 import time
@@ -43,7 +50,14 @@ import torch  # noqa: E402
 from shared.device import mixed_precision, resolve_device  # noqa: E402
 
 VARIANT = "large_44k_v2"
-PEAK_BF16_TFLOPS = 790.0  # one H200, dense bf16
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name, most specific first.
+PEAK_BF16_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
+                    ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name; None for a device not in the table."""
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in device_name), None)
 
 
 @dataclass
@@ -53,6 +67,7 @@ class Check:
     fill: object  # the reference's fill_state_dict
     examples: list[Path]
     workdir: Path
+    workers: int = 1  # decoding workers the precompute section plans for
     results: dict = field(default_factory=dict)
     table: list[tuple[str, str, str, str]] = field(default_factory=list)  # section, metric, value, goal
 
@@ -67,20 +82,42 @@ class Check:
         return Runtime(mode=mode, profile=self.profile, weights_dir=self.workdir / "weights", device=str(self.device))
 
     def row(self, section: str, metric: str, value, goal: str = "") -> None:
+        """Record a result and print it at once (flushed): a run cut short has printed what it measured."""
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         self.table.append((section, metric, text, goal))
         self.results.setdefault(section, {})[metric] = value
+        print(f"{section:<12} {metric:<48} {text:>14}  {goal}", flush=True)
+
+    def save(self, path: Path) -> None:
+        """The results so far, rewritten after every section (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        os.replace(temporary, path)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
-    def reset_peak(self) -> None:
+    def fresh_memory(self) -> None:
+        """Before a measurement: what earlier sections left is freed and the peaks start anew."""
+        gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak_gib(self) -> float | str:
-        return torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else "n/a (CPU)"
+    def memory_rows(self, section: str, label: str, goal: str = "") -> None:
+        """Peak memory since `fresh_memory`: allocated by tensors, reserved by the allocator (what a
+        card must hold), and the device's own used figure (the CUDA context included)."""
+        if self.device.type != "cuda":
+            self.row(section, f"{label}peak GiB", "n/a (CPU)")
+            return
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.row(section, f"{label}peak allocated GiB", torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self.row(section, f"{label}peak reserved GiB", torch.cuda.max_memory_reserved(self.device) / 2**30, goal)
+        self.row(section, f"{label}device used GiB (now)", (total - free) / 2**30)
+        self.results[section].setdefault("memory_reserved_gib", {})[label.strip(": ") or section] = \
+            torch.cuda.max_memory_reserved(self.device) / 2**30
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -109,12 +146,12 @@ def network(check: Check):
 
 
 def vocoder_hyperparameters(check: Check) -> dict:
-    from shared.vocoder import BIGVGAN_16K, BIGVGAN_44K_SHAPES, vocoder_hyperparameters as tiny
+    from shared.vocoder import BIGVGAN_16K, BIGVGAN_44K, vocoder_hyperparameters as tiny
 
     if check.smoke:
         return tiny("44k", "tiny")
-    # the official 44k generator's shapes, with the audio fields of its config.json
-    return dict(BIGVGAN_16K, **BIGVGAN_44K_SHAPES, sampling_rate=44100, hop_size=512, n_fft=2048,
+    # the official 44k generator (its shapes, no final tanh or bias), with the audio fields of its config.json
+    return dict(BIGVGAN_16K, **BIGVGAN_44K, sampling_rate=44100, hop_size=512, n_fft=2048,
                 win_size=2048, fmin=0, fmax=None)
 
 
@@ -207,8 +244,9 @@ def weights(check: Check) -> None:
     check.row("weights", "seconds", time.perf_counter() - started)
 
 
-def clip_list(check: Check) -> tuple[Path, Path]:
-    """The example clips and generated ones, as a segment list."""
+def clip_list(check: Check, name: str, generated: int) -> tuple[Path, Path]:
+    """A segment list of the example clips and `generated` generated ones: a few distinct files,
+    each listed under names of its own (links), so every row is a clip of its own to encode."""
     from precompute.demo_clips import ClipSpec, write_clip
 
     videos = check.workdir / "videos"
@@ -220,39 +258,59 @@ def clip_list(check: Check) -> tuple[Path, Path]:
             target.symlink_to(path.resolve())
         rows.append(f"{path.name}\t0\t8\texample clip")
     size = (96, 64) if check.smoke else (640, 360)
-    for index in range(2 if check.smoke else 6):
-        name = f"generated{index}.mp4"
-        write_clip(videos / name, ClipSpec(8.0, width=size[0], height=size[1], seed=index))
-        rows.append(f"{name}\t0\t8\tgenerated {index}")
-    tsv = check.workdir / "clips.tsv"
+    distinct = min(generated, 2 if check.smoke else 6)
+    for index in range(distinct):
+        source = videos / f"generated{index}.mp4"
+        if not source.exists():
+            write_clip(source, ClipSpec(8.0, width=size[0], height=size[1], seed=index))
+    for index in range(generated):
+        link = videos / f"{name}-{index}.mp4"
+        if not link.exists():
+            link.symlink_to(f"generated{index % distinct}.mp4")
+        rows.append(f"{link.name}\t0\t8\tgenerated {index}")
+    tsv = check.workdir / f"{name}.tsv"
     tsv.write_text("video_path\tstart_time\tend_time\tcaption\n" + "\n".join(rows) + "\n")
     return tsv, videos
 
 
 def precompute(check: Check) -> None:
+    """Steady state: a warm-up run loads the models and starts CUDA, then the measured run (the
+    same runtime, models kept) gives every decoding worker at least one batch."""
+    from precompute.decode import plan_decoding
     from precompute.run import FeatureJob, default_workers, run_features
 
-    tsv, videos = clip_list(check)
-    check.reset_peak()
-    job = FeatureJob(tsv=tsv, video_root=videos, out=check.workdir / "features-bench", runtime=check.runtime(),
-                     batch_size=8, allow_symlinks=True)
-    summary = run_features(job, show_progress=False)
-    encode = summary.encoding_seconds
-    loading = summary.timings.get("load models", 0.0)
-    per_clip = (summary.seconds - loading) / max(summary.encoded_media, 1)
-    check.row("precompute", "clips", summary.encoded_media)
-    check.row("precompute", "clips/s (models loaded)", 1 / per_clip if per_clip else 0.0)
-    check.row("precompute", "67 clips, projected s", 67 * per_clip + loading, "≤ 60")
-    check.row("precompute", "encode s", encode)
+    batch_size = 2 if check.smoke else 8
+    runtime = check.runtime()
+    plan = plan_decoding(default_workers(), batch_size, "44k", 8.0)
+    check.workers = plan.workers
+    if not check.smoke:  # the smoke form checks the code, not the speed: no warm-up to pay for
+        warm_tsv, videos = clip_list(check, "warm-up", 2)
+        run_features(FeatureJob(tsv=warm_tsv, video_root=videos, out=check.workdir / "features-warm-up",
+                                runtime=runtime, batch_size=batch_size, allow_symlinks=True), show_progress=False)
+    measured = max(plan.workers, 1) * batch_size - len(check.examples)
+    tsv, videos = clip_list(check, "measured", measured)
+    check.fresh_memory()
+    loaded = runtime.load_seconds
+    summary = run_features(FeatureJob(tsv=tsv, video_root=videos, out=check.workdir / "features-bench",
+                                      runtime=runtime, batch_size=batch_size, allow_symlinks=True), show_progress=False)
+    per_clip = summary.seconds / max(summary.encoded_media, 1)
+    check.row("precompute", "clips measured", summary.encoded_media)
+    check.results["precompute"]["examples"] = len(check.examples)  # of them, the real example clips
+    check.row("precompute", "clips/s (steady state)", 1 / per_clip if per_clip else 0.0)
+    check.row("precompute", "67 clips, projected s (+ model loading)", 67 * per_clip, "≤ 60")
+    check.row("precompute", "model loading s (once per command)", loaded)
+    check.row("precompute", "encode s", summary.encoding_seconds)
     check.row("precompute", "decode waited s", summary.timings.get("decode (waited for)", 0.0))
-    check.row("precompute", "model loading s", loading)
-    check.row("precompute", "batch size / workers", f"{job.batch_size} / {default_workers()}")
-    check.row("precompute", "peak GPU GiB", check.peak_gib())
+    check.row("precompute", "batch size / workers / prefetch", f"{batch_size} / {plan.workers} / {plan.prefetch}")
+    check.memory_rows("precompute", "")
 
 
-def _training_step_seconds(check: Check, state: dict, lora: bool, checkpointing: bool, steps: int,
-                           batch_size: int) -> tuple[float, float | str, float]:
-    """(seconds per step, peak GiB, forward FLOPs) of `steps` steps after two warm-up steps."""
+def _training_step(check: Check, state: dict, lora: bool, checkpointing: bool, steps: int,
+                   batch_size: int) -> tuple[float, float]:
+    """(seconds per step, FLOPs of one step: forward and backward, counted) over `steps` steps
+    after two warm-up steps; memory rows follow the caller's `fresh_memory`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from shared.lora import add_lora, lora_config
     from shared.network import build_network
     from shared.profiles import network_config
@@ -276,41 +334,46 @@ def _training_step_seconds(check: Check, state: dict, lora: bool, checkpointing:
              "text_features": torch.randn(batch_size, 77, c.text_dim, generator=g),
              "duration_sec": torch.full((batch_size,), 8.0)}
     batch = {k: v.to(check.device) for k, v in batch.items()}
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), mixed_precision(check.device), FlopCounterMode(display=False) as counter:
-        training_loss(net, batch, seq, g, forward=model)
-    check.reset_peak()
-    elapsed = 0.0
-    for step in range(steps + 2):
-        check.synchronize()
-        started = time.perf_counter()
+    def step() -> None:
         with mixed_precision(check.device):
             loss = training_loss(net, batch, seq, g, forward=model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        check.synchronize()
-        if step >= 2:
-            elapsed += time.perf_counter() - started
-    return elapsed / steps, check.peak_gib(), float(counter.get_total_flops())
+
+    with FlopCounterMode(display=False) as counter:  # also the first warm-up step
+        step()
+    step()
+    check.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    check.synchronize()
+    return (time.perf_counter() - started) / steps, float(counter.get_total_flops())
 
 
 def training(check: Check) -> None:
     batch_size, steps = (2, 2) if check.smoke else (8, 5)
     state = network(check).state_dict()
+    peak = peak_tflops(torch.cuda.get_device_name(check.device)) if check.device.type == "cuda" else None
     results = {}
     for name, lora, checkpointing in (("LoRA", True, False), ("LoRA + gradient checkpointing", True, True),
                                       ("full fine-tuning", False, False)):
-        seconds, peak, forward_flops = _training_step_seconds(check, state, lora, checkpointing, steps, batch_size)
+        check.fresh_memory()
+        seconds, flops = _training_step(check, state, lora, checkpointing, steps, batch_size)
         results[name] = seconds
         check.row("training", f"{name}: steps/s (batch {batch_size})", 1 / seconds)
-        check.row("training", f"{name}: peak GiB", peak, "≤ 24" if checkpointing else "")
+        check.memory_rows("training", f"{name}: ", "≤ 24" if checkpointing else "")
         if name == "LoRA":
-            # model FLOPs of a training step: forward + backward = 3x the forward (the usual convention)
-            utilisation = 3 * forward_flops / seconds / (PEAK_BF16_TFLOPS * 1e12)
+            check.row("training", "LoRA: FLOPs per step (forward + backward)", flops)
+            check.results["training"]["flops_per_step"] = flops
+            check.results["training"]["peak_tflops"] = peak
+            check.row("training", "peak bf16 TFLOP/s used", peak if peak else
+                      f"n/a ({torch.cuda.get_device_name(check.device) if check.device.type == 'cuda' else 'CPU'} "
+                      "not in the table)")
             check.row("training", "LoRA: model FLOP utilisation",
-                      utilisation if check.device.type == "cuda" else "n/a (CPU)", "≥ 0.30")
+                      flops / seconds / (peak * 1e12) if peak else "n/a (no known peak)", "≥ 0.30")
     check.row("training", "LoRA / full fine-tuning step time", results["LoRA"] / results["full fine-tuning"])
     check.row("training", "checkpointing / plain LoRA step time",
               results["LoRA + gradient checkpointing"] / results["LoRA"])
@@ -356,17 +419,47 @@ def collectives(check: Check) -> None:
     finally:
         dist.destroy_process_group()
     check.row("collectives", f"all_reduce ({backend})", "ok" if ok else "WRONG")
+    check.row("collectives", "trainer through DDP, one rank (s)", _train_in_a_process_group(check))
+
+
+def _train_in_a_process_group(check: Check) -> float:
+    """The trainer as torchrun starts it, in a group of one: DDP with device_ids, set_device, the
+    barriers and collectives of a real multi-GPU run (nothing else here runs them)."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                   "LOCAL_RANK": str(check.device.index or 0), "WORLD_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    started = time.perf_counter()
+    try:
+        train(TrainConfig(features=[str(check.workdir / "features-bench")], run=str(check.workdir / "ddp-run"),
+                          profile=check.profile, variant=VARIANT, steps=2, batch_size=2, device=str(check.device),
+                          weights_dir=str(check.workdir / "weights"),
+                          checkpoint=None if check.smoke else str(check.workdir / "weights" / f"mmaudio_{VARIANT}.pth")),
+              show_progress=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return time.perf_counter() - started
 
 
 def user_path(check: Check) -> None:
     """The commands a user with downloaded weights runs, each timed."""
-    tsv, videos = clip_list(check)
+    tsv, videos = clip_list(check, "user", 2 if check.smoke else 6)
     weights_dir = check.workdir / "weights"
     run, out = check.workdir / "run", check.workdir / "generated"
     common = ["--profile", check.profile]
     real_only = ["--weights-dir", str(weights_dir)] if not check.smoke else []
     checkpoint = ["--checkpoint", str(weights_dir / f"mmaudio_{VARIANT}.pth")] if not check.smoke else []
-    video = check.examples[0] if check.examples else videos / "generated0.mp4"
+    video = check.examples[0] if check.examples else videos / "user-0.mp4"
     commands = {
         "features": ["features", "--tsv", str(tsv), "--video-root", str(videos), "--out",
                      str(check.workdir / "features"), "--variant", VARIANT, "--allow-symlinks", "--device",
@@ -395,8 +488,7 @@ def user_path(check: Check) -> None:
                 traceback.format_exception(finished.exception))
         if finished.exit_code != 0:
             break
-        if check.device.type == "cuda":
-            torch.cuda.empty_cache()
+        check.fresh_memory()
 
 
 SECTIONS = {"precision": precision, "weights": weights, "precompute": precompute, "training": training,
@@ -415,26 +507,35 @@ def main(argv: list[str] | None = None) -> int:
     default_reference = Path(os.environ.get("MMAUDIO_LORA_REFERENCE", REPO.parent / "shared" / "reference"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: the same code in seconds, on the CPU")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--reference", type=Path, default=default_reference, help="folder holding fill.py")
-    parser.add_argument("--examples", type=Path, default=default_reference.parent / "data" / "example_videos",
-                        help="folder of example clips (the two VGGSound clips)")
+    parser.add_argument("--examples", type=Path, help="folder of example clips (the two VGGSound clips) "
+                        "[default: data/example_videos beside --reference]")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: "
                         + ", ".join(SECTIONS))
     parser.add_argument("--json", type=Path, help="where the results go [default: $OUT/gpu_check.json]")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
+    examples_folder = args.examples or args.reference.parent / "data" / "example_videos"
     # smoke: generated clips only (the 720p examples cost seconds of decoding each on a CPU)
-    examples = sorted(args.examples.glob("*.mp4")) if args.examples.is_dir() and not args.smoke else []
+    examples = sorted(examples_folder.glob("*.mp4")) if examples_folder.is_dir() and not args.smoke else []
+    print(f"examples: {len(examples)} ({examples_folder})", flush=True)
+    if not examples and not args.smoke:
+        print(f"error: no example clips in {examples_folder}; pass --reference (or --examples)", file=sys.stderr)
+        return 2
     out = args.json or Path(os.environ.get("OUT", ".")) / "gpu_check.json"
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
         check = Check(device, args.smoke, load_fill(args.reference), examples, Path(workdir))
         check.results["machine"] = {"device": str(device), "torch": torch.__version__, "smoke": args.smoke,
-                                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
+                                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                                    "examples": len(examples)}
+        check.save(out)
+        print(f"{'section':<12} {'metric':<48} {'value':>14}  goal", flush=True)
         failures = 0
         for name in args.sections.split(","):
             started = time.perf_counter()
+            check.fresh_memory()
             try:
                 SECTIONS[name.strip()](check)
             except Exception as error:  # record it and go on: one short run must tell as much as it can
@@ -443,14 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                           if str(error) else type(error).__name__)
                 check.results[name]["traceback"] = traceback.format_exc()
             check.results.setdefault(name, {})["section seconds"] = time.perf_counter() - started
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    width = max(len(metric) for _, metric, _, _ in check.table)
-    print(f"{'section':<12} {'metric':<{width}} {'value':>14}  goal")
-    for section, metric, value, goal in check.table:
-        print(f"{section:<12} {metric:<{width}} {value:>14}  {goal}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(check.results, indent=1, default=str) + "\n")
+            check.save(out)
     print(f"results: {out}" + (f"; {failures} section(s) failed" if failures else ""))
     return 1 if failures else 0
 

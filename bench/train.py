@@ -1,6 +1,7 @@
 """Training cost: LoRA against full fine-tuning of the same network and batch, the loader's speed
-against what a step consumes, length buckets against the fixed 8 s window on clips of 2-8 s, and
-peak memory with and without gradient checkpointing. One run, one machine; read the ratios.
+against what a step consumes, contiguous q/k/v against the strided v the attention used to get,
+length buckets against the fixed 8 s window on clips of 2-8 s, and peak memory with and without
+gradient checkpointing. One run, one machine; read the ratios.
 
     .venv/bin/python bench/train.py                         # tiny network, CPU
     .venv/bin/python bench/train.py --variant small_16k     # real size (filled weights), GPU if present
@@ -8,6 +9,7 @@ peak memory with and without gradient checkpointing. One run, one machine; read 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import torch
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import shared.layers
 from shared.device import mixed_precision, resolve_device
 from shared.network import build_network
 from shared.profiles import fill_deterministically, network_config
@@ -44,7 +47,21 @@ def synthetic_features(count: int, net, seq: SequenceConfig, durations: torch.Te
                "sync_features": torch.randn(count, seq.sync_seq_len, net.sync_dim, generator=g),
                "text_features": torch.randn(count, 77, net.text_dim, generator=g),
                "duration_sec": torch.full((count,), 8.0) if durations is None else durations}
-    return FeatureSet([str(i) for i in range(count)], tensors)
+    ids = [str(i) for i in range(count)]
+    return FeatureSet(ids, tensors, ids)
+
+
+def optimizer_step(network, model, optimizer, batch: dict, seq: SequenceConfig, generator, device) -> float:
+    """Seconds of one training step as the trainer takes it (its autocast), GPU work included."""
+    start = time.perf_counter()
+    with mixed_precision(device, "auto"):
+        loss = training_loss(network, batch, seq, generator, forward=model)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def bucket_throughput(variant: str, batch_size: int, steps: int, device) -> dict[str, float]:
@@ -67,16 +84,55 @@ def bucket_throughput(variant: str, batch_size: int, steps: int, device) -> dict
             start = time.perf_counter()
             use_duration(network, seq)
             tensors = {k: v.to(device) for k, v in cut_to_length(data.batch(batch.indices), seq).items()}
-            training_loss(network, tensors, seq, generator, forward=model).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            optimizer_step(network, model, optimizer, tensors, seq, generator, device)
             if position:  # the first step warms up
                 elapsed += time.perf_counter() - start
         rates[name] = count * batch_size / elapsed
     use_duration(network, window)
     return rates
+
+
+@contextlib.contextmanager
+def strided_v():
+    """The attention inputs as they were before q, k, v were made contiguous: v a view with a
+    stride of 3 in its last dimension (what SDPA's fused kernels refuse)."""
+    contiguous = shared.layers.split_heads
+
+    def split_heads(qkv, num_heads, q_norm, k_norm, rot):
+        q, k, _ = contiguous(qkv, num_heads, q_norm, k_norm, rot)
+        batch, tokens, _ = qkv.shape
+        return q, k, qkv.view(batch, tokens, num_heads, -1, 3).permute(4, 0, 2, 1, 3)[2]
+
+    shared.layers.split_heads = split_heads
+    try:
+        yield
+    finally:
+        shared.layers.split_heads = contiguous
+
+
+def attention_layout(variant: str, batch_size: int, steps: int, device) -> tuple[float, float]:
+    """Seconds per LoRA step (forward and backward, the trainer's autocast) with the strided v of
+    before and the contiguous q, k, v of now, alternating so both see the same machine load."""
+    net = _config(variant)
+    seq = SequenceConfig(net.mode)
+    data = synthetic_features(batch_size, net, seq)
+    network = fill_deterministically(build_network(None, **asdict(net))).to(device)
+    model = add_lora(network, lora_config(16, 16, 0.0, DEFAULT_TARGETS))
+    batch = {k: v.to(device) for k, v in data.batch(list(range(batch_size))).items()}
+    autocast, times = mixed_precision(device, "auto"), {"strided": [], "contiguous": []}
+    for step in range(2 * steps + 2):
+        layout = "strided" if step % 2 else "contiguous"
+        with strided_v() if layout == "strided" else contextlib.nullcontext():
+            start = time.perf_counter()
+            with autocast:
+                loss = training_loss(network, batch, seq, torch.Generator().manual_seed(0), forward=model)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= 2:  # one warm-up step of each
+                times[layout].append(time.perf_counter() - start)
+    return min(times["strided"]), min(times["contiguous"])
 
 
 def _status_kib(field: str) -> int:
@@ -119,24 +175,16 @@ def measure(lora: bool, args, device, data: FeatureSet, seq) -> tuple[float, flo
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    autocast = mixed_precision(device, "auto")
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(args.steps + 1):
         batch = {k: v.to(device) for k, v in data.batch(list(range(args.batch_size))).items()}
-        start = time.perf_counter()
-        with autocast:
-            loss = training_loss(network, batch, seq, generator)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        seconds = optimizer_step(network, model, optimizer, batch, seq, generator, device)
         if step:  # the first step warms up
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() / 2**30
+        memory = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # weights + gradients + two AdamW moments of what trains, in GiB
         memory = (sum(p.numel() for p in model.parameters()) + 3 * sum(p.numel() for p in parameters)) * 4 / 2**30
     return sum(times) / len(times), memory, count_parameters(model)[0]
@@ -177,6 +225,11 @@ def main() -> None:
     consumed = args.batch_size / lora_time
     print(f"loader {loader_rate:.0f} samples/s vs {consumed:.1f} samples/s consumed by a LoRA step "
           f"({loader_rate / consumed:.0f}x headroom)")
+
+    strided, contiguous = attention_layout(args.buckets_variant, args.batch_size, args.steps, device)
+    print(f"{args.buckets_variant} LoRA step (forward + backward), batch {args.batch_size}: strided v "
+          f"{strided * 1000:.0f} ms, contiguous q/k/v {contiguous * 1000:.0f} ms ({contiguous / strided:.2f}x; "
+          f"best of {args.steps} each, alternating)")
 
     rates = bucket_throughput(args.buckets_variant, args.batch_size, args.bucket_steps, device)
     fixed = rates.pop("fixed 8 s window")

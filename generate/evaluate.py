@@ -1,147 +1,180 @@
-"""Did the fine-tune help? The base model against base + adapter on held-out clips, at one or
+"""Did the fine-tune help, on clips it has never seen? The base model against base + adapter on
+the run's held-out clips (whole source videos no segment of which was trained on), at one or
 several adapter strengths, optionally for every kept checkpoint too.
 
-Two numbers per model, each on the same clips, noise and times:
-- validation flow loss: the training objective with fixed noise and times (as during training);
-- log-mel L1: generate each clip (Euler, CFG, its own duration) from its stored conditions, then
-  the mean absolute difference between the generated and the real log-mel spectrogram over the
-  clip's real frames. Both spectrograms come out of the same VAE decoder (the real one from the
-  clip's stored latent), so the distance measures the generated audio, not the VAE.
-The report (generate/report.py) shows them with the audio, spectrograms and training curves.
+Three numbers per clip and model, all lower-is-better, on the same clips, noise and times:
+- validation flow loss: the training objective with fixed noise and times;
+- log-mel L1: generate the clip (Euler, CFG, its own duration) from its stored conditions, then
+  the mean absolute difference from the real log-mel over the clip's real frames; both
+  spectrograms come out of the same VAE decoder, so the distance measures the generated audio;
+- DeSync (shared/desync.py): how far the generated audio is out of step with the clip's video,
+  in seconds, for clips of 4.8 s or more; the real audio's (through the VAE decoder and vocoder,
+  as the models' audio is made) is the floor.
+Each clip is generated with several seeds per model. What the numbers say (intervals, verdict,
+JSON) is generate/verdict.py; the report (generate/report.py) shows it all with the audio,
+spectrograms and training curves.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from generate.model import ModelSource, resolve_source, run_settings
+from generate.model import ModelSource, resolve_source
+from generate.report import write_report
+from generate.verdict import METRICS, MODELS, Evaluation, bootstrap_interval
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
-from shared.features import FeatureSet, feature_labels, split
-from shared.flow import valid_frames, validation_loss
+from shared.features import FeatureSet, feature_labels, folders_window, split
+from shared.flow import validation_losses
 from shared.lora import merge_adapter
 from shared.outputs import OutputError, atomic_write_text
+from shared.resample import resample
+from shared.run_record import RunRecordError, Split, read_run_config
 from shared.runtime import Runtime
-from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
+from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips
 
-MODELS = ("base", "tuned")
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Evaluation:
-    variant: str
-    held_out: str  # where the clips came from
-    clips: list[str]
-    sampling: dict
-    val_flow_loss: dict[str, float] = field(default_factory=dict)  # base, tuned
-    mel_l1: dict[str, float] = field(default_factory=dict)
-    per_clip_mel_l1: dict[str, dict[str, float]] = field(default_factory=dict)
-    lora_scale: float = 1.0  # the strength "tuned" was evaluated at (the best one, when several)
-    scales: dict[str, dict[str, float]] = field(default_factory=dict)  # several strengths: each one's metrics
-    checkpoints: dict[str, float] = field(default_factory=dict)  # adapter folder → validation flow loss
-    seconds: float = 0.0
+class Scores:
+    """One model's scores on the clips: metric → clip → value (mean over seeds; NaN where the
+    metric does not apply, e.g. DeSync of a clip under 4.8 s)."""
 
-    def table(self) -> str:
-        rows = [("validation flow loss", self.val_flow_loss), ("log-mel L1 to the real audio", self.mel_l1)]
-        lines = [f"{'metric (lower is better)':<30}{'base':>10}{'tuned':>10}{'change':>10}"]
-        for name, values in rows:
-            lines.append(f"{name:<30}{values['base']:>10.4f}{values['tuned']:>10.4f}"
-                         f"{change(values['base'], values['tuned']):>10}")
-        if self.scales:
-            lines.append(f"adapter strengths (tuned = {self.lora_scale:g}, the lowest validation flow loss):")
-            lines += [f"  scale {scale:<6}{v['val_flow_loss']:>10.4f} flow loss{v['mel_l1']:>10.4f} log-mel L1"
-                      for scale, v in self.scales.items()]
-        if self.checkpoints:
-            lines.append("validation flow loss of the kept adapters:")
-            lines += [f"  {name:<28}{loss:>10.4f}" for name, loss in self.checkpoints.items()]
-        return "\n".join(lines)
+    per_clip: dict[str, dict[str, float]]
+    mels: dict[str, torch.Tensor]  # the first seed's log-mel per clip (bins, real frames), for the report
+    audio: dict[str, torch.Tensor]  # the first seed's waveform per clip, for the report
 
-    def verdict(self) -> str:
-        flow, mel = self.val_flow_loss, self.mel_l1
-        better = [name for name, values in (("validation flow loss", flow), ("log-mel L1", mel))
-                  if values["tuned"] < values["base"]]
-        summary = (f"flow loss {change(flow['base'], flow['tuned'])}, log-mel L1 {change(mel['base'], mel['tuned'])} "
-                   f"on {len(self.clips)} held-out clip(s)")
-        if len(better) == 2:
-            return f"The fine-tune helps: {summary}."
-        if better:
-            return f"Mixed: the fine-tune improves the {better[0]} only ({summary})."
-        return f"The fine-tune does not help on these clips: {summary}."
+    def mean(self, metric: str) -> float:
+        values = [v for v in self.per_clip[metric].values() if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def failed(self) -> bool:
+        """Not finite where a value is due (a diverged adapter, an extreme strength)."""
+        return any(math.isinf(v) or math.isnan(v) for metric in ("flow_loss", "mel_l1")
+                   for v in self.per_clip[metric].values())
 
 
-def change(base: float, tuned: float) -> str:
-    return f"{100 * (tuned - base) / base:+.1f}%" if base else "n/a"
-
+# -- the clips -------------------------------------------------------------------------------------------
 
 def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime) -> tuple[FeatureSet, str]:
-    """`features` (all clips, or `ids`), else the run's own validation split."""
-    window = runtime.sequence().window_sec
+    """`features` (all clips, or `ids`), else exactly the validation clips the run recorded."""
+    folders = [str(features)] if features is not None else read_run_config(run)["features"]
+    split_record = Split.load(run) if features is None else None
+    if features is None and not all(Path(folder).is_absolute() for folder in folders):
+        log.warning("%s: recorded its features as relative paths (an older version): they are read from the "
+                    "current folder, %s", run, Path.cwd())
+    for line in split_record.changes() if split_record else []:
+        log.warning("%s", line)
+    gone = [folder for folder in folders if not Path(folder).is_dir()]
+    if gone:
+        raise RunRecordError(f"{run}: its features {gone[0]} are gone (moved or deleted); pass --features with the "
+                             "held-out clips")
+    window = folders_window(folders)
+    clips = FeatureSet.load(folders, runtime.data_dim(window), window)
     if features is not None:
-        clips = FeatureSet.load([str(features)], runtime.data_dim(), window)
         where = str(features)
-    else:
-        settings = run_settings(run)
-        clips = FeatureSet.load(settings["features"], runtime.data_dim(), window)
-        _, val_index = split(clips.ids, settings["val_fraction"], settings["val_ids"])
-        if not val_index:
-            raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
+    elif split_record is not None:
+        missing = sorted(set(split_record.val_ids) - set(clips.ids))
+        if missing:
+            raise RunRecordError(f"{run}: validation clip(s) {', '.join(missing[:5])} are no longer in the run's "
+                                 "features; pass --features with the held-out clips")
+        clips, where = clips.select(split_record.val_ids), f"validation split of {run}"
+    else:  # a run made before splits were recorded: its split, re-derived from its settings
+        settings = read_run_config(run)
+        log.warning("%s: no split.json (made by an older version); the validation split is derived again from the "
+                    "current features", run)
+        _, val_index = split(clips.ids, clips.groups, settings.get("val_fraction", 0.1), settings.get("val_ids", []),
+                             settings.get("val_groups", []))
         clips, where = clips.subset(val_index), f"validation split of {run}"
+    if not clips.ids:
+        raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
     if ids:
         unknown = sorted(set(ids) - set(clips.ids))
         if unknown:
             raise UserError(f"clip id(s) not among the held-out clips: {', '.join(unknown[:5])}")
-        clips = clips.subset([n for n, i in enumerate(clips.ids) if i in ids])
+        clips = clips.select(ids)
     return clips, where
 
 
-@dataclass
-class Generated:
-    """One model's output for one clip, over the clip's real frames."""
-    mel: torch.Tensor  # (bins, frames)
-    distance: float  # log-mel L1 to the real clip
+# -- scoring ---------------------------------------------------------------------------------------------
+
+def clip_desync(scorer, sync_features: torch.Tensor, audio: torch.Tensor, rate: int, seconds: float,
+                runtime: Runtime) -> float:
+    """DeSync of one clip's audio against its stored video features, both cut to its real length.
+    In float32, as av-benchmark scores it: a bf16 argmax could pick another offset class."""
+    from shared.desync import SAMPLE_RATE
+
+    seq = runtime.sequence(seconds)
+    wave = resample(audio[:round(seconds * rate)].float().cpu(), rate, SAMPLE_RATE)
+    device = runtime.torch_device
+    value = scorer.desync(sync_features[None, :seq.sync_seq_len].float().to(device), wave[None].to(device))
+    return float(value[0])
 
 
-def generate_clips(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingSettings,
-                   batch_size: int) -> dict[str, Generated]:
-    """Per clip: generate at the clip's duration, decode both spectrograms, L1 over real frames."""
-    generated: dict[str, Generated] = {}
-    for rows, seq, latents in sample_stored_clips(decoder.runtime, network, clips.tensors, sampling, batch_size):
-        tensors = clips.batch(rows)
-        mel = decoder.mel(latents)
-        real = decoder.mel(tensors["a_mean"][:, :seq.latent_seq_len])
-        frames = 2 * valid_frames(tensors["duration_sec"], seq)
-        for row, n in enumerate(rows):
-            ours = mel[row, :, :frames[row]].cpu()
-            distance = (ours - real[row, :, :frames[row]].cpu()).abs().mean()
-            generated[clips.ids[n]] = Generated(ours, float(distance))
-    return generated
+def score(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingSettings, seeds: int,
+          batch_size: int, real: dict[str, torch.Tensor], progress=None) -> Scores:
+    """Every metric of one network on every clip, averaged over `seeds` seeds (`progress`: a
+    tqdm bar advanced once per seed)."""
+    runtime = decoder.runtime
+    scorer = runtime.sync_scorer()
+    network.to(runtime.torch_device)
+    sums = {metric: {clip_id: 0.0 for clip_id in clips.ids} for metric in METRICS}
+    mels, audio = {}, {}
+    for k in range(seeds):
+        seed = sampling.seed + k
+        for clip_id, loss in zip(clips.ids, _flow_losses(runtime, network, clips, batch_size, seed).tolist()):
+            sums["flow_loss"][clip_id] += loss
+        for rows, seq, latents in sample_stored_clips(runtime, network, clips.tensors, replace(sampling, seed=seed),
+                                                      batch_size):
+            mel = decoder.mel(latents).cpu()  # at the clips' own length: every frame is real
+            waves = decoder.vocode(mel)
+            for row, n in enumerate(rows):
+                clip_id, seconds = clips.ids[n], float(clips.tensors["duration_sec"][n])
+                ours = mel[row]
+                sums["mel_l1"][clip_id] += float((ours - real[clip_id]).abs().mean())
+                sums["desync"][clip_id] += clip_desync(scorer, clips.tensors["sync_features"][n], waves[row],
+                                                       decoder.sampling_rate, seconds, runtime)
+                if k == 0:
+                    mels[clip_id], audio[clip_id] = ours, waves[row, :round(seconds * decoder.sampling_rate)]
+        if progress is not None:
+            progress.update(1)
+    network.to("cpu")
+    return Scores({m: {c: v / seeds for c, v in values.items()} for m, values in sums.items()}, mels, audio)
 
 
-def real_mels(clips: FeatureSet, decoder: AudioDecoder, batch_size: int) -> dict[str, torch.Tensor]:
-    """Each clip's real log-mel (bins, real frames), decoded from its stored latent."""
-    seq = decoder.runtime.sequence()
-    frames = 2 * valid_frames(clips.tensors["duration_sec"], seq)
-    mels = {}
-    for start in range(0, len(clips), batch_size):
-        rows = list(range(start, min(start + batch_size, len(clips))))
-        decoded = decoder.mel(clips.batch(rows)["a_mean"])
-        for row, n in enumerate(rows):
-            mels[clips.ids[n]] = decoded[row, :, :frames[n]].cpu()
-    return mels
-
-
-def _flow_loss(runtime: Runtime, network, clips: FeatureSet, batch_size: int) -> float:
+def _flow_losses(runtime: Runtime, network, clips: FeatureSet, batch_size: int, seed: int) -> torch.Tensor:
     device = runtime.torch_device
     batches = ({k: v.to(device) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
                for i in range(0, len(clips), batch_size))
     with runtime.autocast():
-        return validation_loss(network, batches, runtime.sequence())
+        return validation_losses(network, batches, runtime.sequence(clips.window_sec), seed)
+
+
+def real_audio(clips: FeatureSet, decoder: AudioDecoder, batch_size: int
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each clip's real log-mel, decoded from its stored latent at the clip's own length (as its
+    generated audio is decoded), and its waveform through the vocoder: what the metrics compare with."""
+    durations = clips.tensors["duration_sec"].tolist()
+    mels, waves = {}, {}
+    for rows in duration_batches(durations, batch_size):
+        seq = decoder.runtime.sequence(durations[rows[0]])
+        decoded = decoder.mel(clips.tensors["a_mean"][rows, :seq.latent_seq_len])
+        audio = decoder.vocode(decoded)
+        for row, n in enumerate(rows):
+            mels[clips.ids[n]] = decoded[row].cpu()
+            waves[clips.ids[n]] = audio[row, :round(durations[n] * decoder.sampling_rate)]
+    return mels, waves
 
 
 def kept_adapters(run: Path) -> dict[str, Path]:
@@ -158,7 +191,8 @@ def kept_adapters(run: Path) -> dict[str, Path]:
 
 
 def check_evaluation_target(out: Path) -> Path:
-    """The JSON to write: a new file, or an earlier evaluation of ours; anything else is refused."""
+    """The JSON to write: a new file in a folder we can write, or an earlier evaluation of ours;
+    anything else is refused before the evaluation starts."""
     out = Path(out)
     if out.exists():
         try:
@@ -167,69 +201,99 @@ def check_evaluation_target(out: Path) -> Path:
             ours = False
         if not ours:
             raise OutputError(f"{out}: a file mmaudio-lora did not write is in the way; choose another --out")
+    folder = out.parent if str(out.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"{out}: cannot write there ({error.strerror or error}); choose another --out") from None
     return out
 
 
 def evaluate(run: Path, source: ModelSource | None = None, features: Path | None = None, ids: list[str] | None = None,
              sampling: SamplingSettings = SamplingSettings(), lora_scales: tuple[float, ...] = (1.0,),
              batch_size: int = 4, out: Path | None = None, checkpoints: bool = False,
-             report: bool = True) -> Evaluation:
+             report: bool = True, seeds: int = 3, show_progress: bool = True) -> Evaluation:
     """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)
     and the report (RUN/evaluation/index.html). `source`: the run's runtime and adapter, by default
-    as the run recorded them."""
+    as the run recorded them. Every argument and output is checked before any model loads."""
     if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
         raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, not {seeds}")
     started = time.perf_counter()
     run = Path(run)
     out = check_evaluation_target(Path(out) if out is not None else run / "evaluation.json")
+    adapters = kept_adapters(run) if checkpoints else {}
+    if checkpoints and not adapters:
+        raise UserError(f"--checkpoints: {run} keeps no checkpoint or best adapter to score")
+    if report and not os.access(run, os.W_OK):
+        raise OutputError(f"{run}: cannot write the report folder there")
     source = source or resolve_source(run=run)
     runtime = source.runtime
-    base = ModelSource(runtime).load()
-    variant = runtime.variant
     clips, where = held_out_clips(run, features, ids or [], runtime)
+    base = ModelSource(runtime).load()
     decoder = AudioDecoder(runtime)
-    expected = {"variant": variant, "profile": runtime.profile}
-    result = Evaluation(variant, where, list(clips.ids), asdict(sampling))
+    expected = {"variant": runtime.variant, "profile": runtime.profile}
+    result = Evaluation(runtime.variant, where, list(clips.ids), asdict(sampling), seeds, len(set(clips.groups)))
+    real_mels, real_waves = real_audio(clips, decoder, batch_size)
 
-    def scored(network) -> tuple[float, dict[str, Generated]]:
-        network.to(runtime.torch_device)
-        loss = _flow_loss(runtime, network, clips, batch_size)
-        generated = generate_clips(network, clips, decoder, sampling, batch_size)
-        network.to("cpu")
-        return loss, generated
+    from tqdm import tqdm
 
-    outputs = {"base": scored(base)}
-    for scale in lora_scales:
-        outputs[f"scale {scale:g}"] = scored(merge_adapter(copy.deepcopy(base), source.adapter, scale, expected))
+    with tqdm(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
+              disable=not show_progress) as progress:
+        outputs = {"base": score(base, clips, decoder, sampling, seeds, batch_size, real_mels, progress)}
+        for scale in lora_scales:
+            network = merge_adapter(copy.deepcopy(base), source.adapter, scale, expected)
+            outputs[f"scale {scale:g}"] = score(network, clips, decoder, sampling, seeds, batch_size, real_mels,
+                                                progress)
+    working = [s for s in lora_scales if not outputs[f"scale {s:g}"].failed]
     if len(lora_scales) > 1:
-        result.scales = {f"{s:g}": {"val_flow_loss": outputs[f"scale {s:g}"][0],
-                                    "mel_l1": _mean_distance(outputs[f"scale {s:g}"][1])} for s in lora_scales}
-    result.lora_scale = min(lora_scales, key=lambda s: outputs[f"scale {s:g}"][0])
-    outputs["tuned"] = outputs[f"scale {result.lora_scale:g}"]
-    for name in MODELS:
-        loss, generated = outputs[name]
-        result.val_flow_loss[name] = loss
-        result.mel_l1[name] = _mean_distance(generated)
-        for clip_id, clip in generated.items():
-            result.per_clip_mel_l1.setdefault(clip_id, {})[name] = clip.distance
-    if checkpoints:
-        for name, folder in kept_adapters(run).items():
-            network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(runtime.torch_device)
-            result.checkpoints[name] = _flow_loss(runtime, network, clips, batch_size)
+        result.scales = {f"{s:g}": ({"failed": True} if outputs[f"scale {s:g}"].failed else
+                                    {"val_flow_loss": outputs[f"scale {s:g}"].mean("flow_loss"),
+                                     "mel_l1": outputs[f"scale {s:g}"].mean("mel_l1"),
+                                     "desync": outputs[f"scale {s:g}"].mean("desync")}) for s in lora_scales}
+    result.lora_scale = min(working, key=lambda s: outputs[f"scale {s:g}"].mean("flow_loss")) if working else None
+    outputs["tuned"] = outputs[f"scale {(result.lora_scale if working else lora_scales[0]):g}"]
+    _summarise(result, outputs, real_waves, clips, decoder)
+    for name, folder in adapters.items():
+        network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(runtime.torch_device)
+        result.checkpoints[name] = float(_flow_losses(runtime, network, clips, batch_size, sampling.seed).mean())
     if report:
-        from generate.report import write_report
-
-        folders = [features] if features is not None else run_settings(run)["features"]
-        write_report(run / "evaluation", result, real_mels(clips, decoder, batch_size),
-                     {name: outputs[name][1] for name in MODELS}, decoder, _source_videos(clips, folders),
+        folders = [features] if features is not None else read_run_config(run)["features"]
+        write_report(run / "evaluation", result, (real_mels, real_waves), {name: outputs[name] for name in MODELS},
+                     decoder.sampling_rate, runtime.sequence().hop_length, _source_videos(clips, folders),
                      {k: v for folder in folders for k, v in feature_labels(folder).items()})
     result.seconds = time.perf_counter() - started
-    atomic_write_text(out, json.dumps(asdict(result), indent=2) + "\n")
+    atomic_write_text(out, result.to_json())
     return result
 
 
-def _mean_distance(generated: dict[str, Generated]) -> float:
-    return sum(clip.distance for clip in generated.values()) / len(generated)
+def _summarise(result: Evaluation, outputs: dict[str, Scores], real_waves: dict[str, torch.Tensor],
+               clips: FeatureSet, decoder: AudioDecoder) -> None:
+    """Means, per-clip values, paired differences and their intervals, the real audio's DeSync."""
+    runtime, scorer = decoder.runtime, decoder.runtime.sync_scorer()
+    real_desync = {clip_id: clip_desync(scorer, clips.tensors["sync_features"][n], real_waves[clip_id],
+                                        decoder.sampling_rate, float(clips.tensors["duration_sec"][n]), runtime)
+                   for n, clip_id in enumerate(clips.ids)}
+    for metric in METRICS:
+        summary = result.summary(metric)
+        per_clip = {clip_id: {name: outputs[name].per_clip[metric][clip_id] for name in MODELS} for clip_id in clips.ids}
+        if metric == "desync":
+            for clip_id in clips.ids:
+                per_clip[clip_id]["real"] = real_desync[clip_id]
+            values = [v for v in real_desync.values() if not math.isnan(v)]
+            summary["real"] = sum(values) / len(values) if values else math.nan
+        for name in MODELS:
+            summary[name] = math.nan if name == "tuned" and result.failed else outputs[name].mean(metric)
+        result.per_clip[metric] = per_clip
+        differences = [v["tuned"] - v["base"] for v in per_clip.values()
+                       if math.isfinite(v["tuned"]) and math.isfinite(v["base"])]
+        result.delta[metric] = sum(differences) / len(differences) if differences and not result.failed else math.nan
+        interval = None if result.failed else bootstrap_interval(differences)
+        result.ci95[metric] = list(interval) if interval else None
+    result.per_clip_mel_l1 = result.per_clip["mel_l1"]
 
 
 def _source_videos(clips: FeatureSet, folders: list) -> dict[str, dict]:

@@ -1,14 +1,26 @@
-"""Merge a run's adapter into its base network and write the official checkpoint layout."""
+"""Merge a run's adapter into its base network and write the official checkpoint layout, in
+float32, float16 or bfloat16: the same keys and shapes as the official file, so MMAudio's own
+loader, ComfyUI-MMAudio and our `--checkpoint` read it strictly.
+"""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from generate.model import ModelSource, resolve_source
+from shared.errors import UserError
 from shared.lora import AdapterError
 from shared.outputs import OutputError
+from shared.sequence import mode_of
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The latent statistics normalize every latent the network sees: rounded to 16 bits they would
+# shift all of them, so they stay float32 whatever the export's dtype (as the official files hold them).
+KEPT_FLOAT32 = ("latent_mean", "latent_std")
+EXPORT_WRITER = "mmaudio-lora export"  # in the .safetensors header: a pair of files we may replace
 
 
 @dataclass
@@ -17,6 +29,7 @@ class ExportResult:
     safetensors: Path
     variant: str
     tensors: int
+    dtype: str
 
 
 def _official_dtypes(runtime) -> dict[str, torch.dtype]:
@@ -27,9 +40,12 @@ def _official_dtypes(runtime) -> dict[str, torch.dtype]:
     return {key: value.dtype for key, value in read_state_dict(path).items()}
 
 
-def merged_state_dict(run: Path, source: ModelSource | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The base network's state dict with the run's LoRA merged in: the same keys, shapes, dtypes.
-    `source`: the run's runtime and adapter, by default as the run recorded them."""
+def merged_state_dict(run: Path, source: ModelSource | None = None,
+                      dtype: str = "fp32") -> tuple[dict[str, torch.Tensor], str]:
+    """The base network's state dict with the run's LoRA merged in: the same keys and shapes. fp32
+    keeps the official file's own dtypes; fp16 / bf16 cast every floating tensor but the latent
+    statistics. `source`: the run's runtime and adapter, by default as the run recorded them."""
+    check_dtype(dtype)
     source = source or resolve_source(run=run)
     network = source.load()
     runtime = source.runtime
@@ -37,28 +53,53 @@ def merged_state_dict(run: Path, source: ModelSource | None = None) -> tuple[dic
     if any("lora" in key for key in merged):
         raise AdapterError(f"{run}: merging left LoRA tensors in the network; refusing to write a checkpoint")
     dtypes = {key: value.dtype for key, value in merged.items()}
-    if runtime.profile == "real":  # keep the official file's own dtypes
+    if dtype == "fp32" and runtime.profile == "real":  # keep the official file's own dtypes
         dtypes.update({k: v for k, v in _official_dtypes(runtime).items() if k in dtypes})
+    elif dtype != "fp32":
+        dtypes.update({k: EXPORT_DTYPES[dtype] for k, v in merged.items()
+                       if v.is_floating_point() and k not in KEPT_FLOAT32})
     return {key: value.detach().to(dtypes[key]).contiguous() for key, value in merged.items()}, runtime.variant
 
 
-EXPORT_MARKER = {"writer": "mmaudio-lora export"}  # in the .safetensors header: a file we may replace
+def check_dtype(dtype: str) -> str:
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
+    return dtype
 
 
-def _is_our_export(path: Path) -> bool:
+def name_warning(out: Path, variant: str) -> str | None:
+    """Tools that pick the sample rate from the file name (ComfyUI-MMAudio) need it in the name."""
+    rate = mode_of(variant).removesuffix("k")
+    if rate not in Path(out).name:
+        return (f"{Path(out).name} does not say {rate} (kHz): tools that take the sample rate from the file name "
+                f"(ComfyUI-MMAudio) will misread it; a name like merged_{variant}.pth keeps it")
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export_metadata(path: Path) -> dict[str, str] | None:
+    """The header of a .safetensors file we exported, or None for any other file."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
     except Exception:  # not a safetensors file at all
-        return False
-    return all(metadata.get(k) == v for k, v in EXPORT_MARKER.items())
+        return None
+    return metadata if metadata.get("writer") == EXPORT_WRITER else None
 
 
 def check_export_target(out: Path) -> tuple[Path, Path]:
-    """(.pth, .safetensors) paths to write: new files, or an earlier export of ours (its
-    .safetensors carries our marker); anything else is refused before the merge starts."""
+    """(.pth, .safetensors) paths to write: new files, or an earlier export of ours, each file
+    checked: the .safetensors by its header, the .pth by the digest that header recorded of it.
+    Anything else is refused before the merge starts."""
     out = Path(out)
     companion = out.with_suffix(".safetensors")
     if out.suffix == ".safetensors":
@@ -66,19 +107,26 @@ def check_export_target(out: Path) -> tuple[Path, Path]:
     for path in (out, companion):
         if path.exists() and not path.is_file():
             raise OutputError(f"{path}: exists and is not a file; give a file name for the merged checkpoint")
-    if (out.exists() or companion.exists()) and not _is_our_export(companion):
-        raise OutputError(f"{out}: a file mmaudio-lora did not export is in the way; choose another name")
-    if not out.parent.is_dir() and out.parent.exists():
+    metadata = _export_metadata(companion) if companion.exists() else {}
+    if metadata is None:
+        raise OutputError(f"{companion}: a file mmaudio-lora did not export is in the way; choose another name")
+    if out.exists() and metadata.get("pth_sha256") != _sha256(out):
+        raise OutputError(f"{out}: a file mmaudio-lora did not export is in the way (it is not the .pth exported "
+                          f"with {companion.name}); choose another name")
+    if out.parent.exists() and not out.parent.is_dir():
         raise OutputError(f"{out.parent}: is not a folder")
     return out, companion
 
 
-def export_checkpoint(run: Path, out: Path, source: ModelSource | None = None) -> ExportResult:
-    """Write `out` (.pth, a plain state dict) and the same tensors as `.safetensors` beside it."""
+def export_checkpoint(run: Path, out: Path, source: ModelSource | None = None, dtype: str = "fp32") -> ExportResult:
+    """Write `out` (.pth, a plain state dict) and the same tensors as `.safetensors` beside it,
+    whose header records the writer, the dtype and the .pth's digest."""
     from shared.checkpoint import save_state_dict
 
+    check_dtype(dtype)
     out, companion = check_export_target(out)
-    state, variant = merged_state_dict(Path(run), source)
+    state, variant = merged_state_dict(Path(run), source, dtype)
     save_state_dict(state, out)
-    save_state_dict(state, companion, metadata=EXPORT_MARKER)
-    return ExportResult(out, companion, variant, len(state))
+    save_state_dict(state, companion, metadata={"writer": EXPORT_WRITER, "variant": variant, "dtype": dtype,
+                                                "pth_sha256": _sha256(out)})
+    return ExportResult(out, companion, variant, len(state), dtype)

@@ -1,16 +1,14 @@
 """Which network to generate with: a runtime's base network, plus a run's or a folder's LoRA adapter."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import UserError
 from shared.lora import AdapterError, adapter_info, merge_adapter
 from shared.network import MMAudio
+from shared.run_record import CONFIG_FILE, read_run_config
 from shared.runtime import Runtime
-
-RUN_CONFIG = "config.json"
 
 
 @dataclass
@@ -27,19 +25,11 @@ class ModelSource:
         return network.eval()
 
 
-def run_settings(run: str | Path) -> dict:
-    """The resolved configuration a training run saved."""
-    path = Path(run) / RUN_CONFIG
-    if not path.is_file():
-        raise AdapterError(f"{run}: not a training run folder (no {RUN_CONFIG})")
-    return json.loads(path.read_text())
-
-
 def _enclosing_run(adapter: Path) -> dict:
     """The settings of the run an adapter folder sits in (adapter/, best/adapter/, checkpoints/step-N/adapter/)."""
     for folder in list(adapter.resolve().parents)[:3]:
-        if (folder / RUN_CONFIG).is_file():
-            return run_settings(folder)
+        if (folder / CONFIG_FILE).is_file():
+            return read_run_config(folder)
     return {}
 
 
@@ -50,7 +40,7 @@ def resolve_source(run: Path | None = None, adapter: Path | None = None, profile
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both")
     if run is not None:
-        settings, adapter = run_settings(run), Path(run) / "adapter"
+        settings, adapter = read_run_config(run), Path(run) / "adapter"
         if not adapter.is_dir():
             raise AdapterError(f"{run}: the run has no final adapter yet (no {adapter}); pass --adapter "
                                f"{run}/checkpoints/step-N/adapter or {run}/best/adapter")

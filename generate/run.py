@@ -7,6 +7,7 @@ picture). Requests from precomputed features load no encoder at all (only for a 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 
 from generate.model import ModelSource
+from shared.clip_list import safe_id
 from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
-from shared.outputs import claim_generated_folder
+from shared.outputs import claim_output_folder, folder_kind
 from shared.runtime import Runtime
-from shared.sequence import DEFAULT_WINDOW_SEC
+from shared.sequence import DEFAULT_WINDOW_SEC, MIN_CLIP_SEC
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
                               use_duration)
 
@@ -49,8 +51,9 @@ class GenerateJob:
 
     def validate(self) -> None:
         """Every argument checked before anything loads."""
-        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
-            raise UserError(f"--duration must be a positive number of seconds, not {self.duration:g}")
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration >= MIN_CLIP_SEC):
+            raise UserError(f"--duration must be at least {MIN_CLIP_SEC:g} s (one Synchformer window), "
+                            f"not {self.duration:g}")
         if not math.isfinite(self.lora_scale):
             raise UserError(f"--lora-scale must be a finite number, not {self.lora_scale}")
         if self.batch_size < 1:
@@ -81,37 +84,56 @@ class GenerationSummary:
     out: Path
     variant: str
     written: list[Path] = field(default_factory=list)
+    replaced: list[Path] = field(default_factory=list)  # earlier outputs of the same name, now replaced
     skipped: list[str] = field(default_factory=list)
     models_loaded: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "prompt"
+def prompt_name(prompt: str) -> str:
+    """The output name of a text-to-audio prompt: its words where they are ASCII, and a digest of
+    the whole prompt, so prompts in any script (and the empty one) never share a file."""
+    words = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:50]
+    digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
+    return f"{words}_{digest}" if words else f"prompt_{digest}"
 
 
-def _video_files(paths: list[Path]) -> list[Path]:
-    """The video files named, and those in the folders named (recursively, sorted)."""
+def _video_files(paths: list[Path], out: Path) -> list[tuple[str, Path]]:
+    """(output name, file) of the video files named and of those in the folders named (recursively,
+    sorted). A file in a folder is named by its path in that folder (`TitleA/seg_001.mp4` →
+    `TitleA__seg_001`, as `features` names it); the output folder and other folders we wrote are
+    not read as input."""
+    out = out.resolve()
     found = []
     for path in paths:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                           and not _in_generated_folder(p, path, out))
             if not files:
                 raise UserError(f"{path}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
-            found.extend(files)
+            found.extend((safe_id(str(p.relative_to(path).with_suffix("")).replace("/", "__")), p) for p in files)
         elif not path.exists():
             raise UserError(f"{path}: no such video file or folder")
         else:
-            found.append(path)
+            found.append((path.stem, path))
     return found
+
+
+def _in_generated_folder(file: Path, root: Path, out: Path) -> bool:
+    for folder in file.parents:
+        if folder == root:
+            return False
+        if folder.resolve() == out or folder_kind(folder) == "generated":
+            return True
+    return False
 
 
 def collect_requests(job: GenerateJob) -> list[Request]:
     """The job's inputs as requests with unique output names."""
     caption = job.prompt or ""
     requests: list[Request] = []
-    for file in _video_files(job.videos):
-        requests.append(Request(file.stem, file, caption=caption))
+    for name, file in _video_files(job.videos, job.out):
+        requests.append(Request(name, file, caption=caption))
     if job.tsv is not None:
         from shared.clip_list import read_clip_list
 
@@ -130,7 +152,7 @@ def collect_requests(job: GenerateJob) -> list[Request]:
     if not requests:
         if job.prompt is None:
             raise UserError("nothing to generate: give --video, --tsv, --features or --prompt")
-        requests.append(Request(_slug(job.prompt), caption=job.prompt))
+        requests.append(Request(prompt_name(job.prompt), caption=job.prompt))
     names = [r.name for r in requests]
     unsafe = [n for n in names if not is_plain_file_name(n)]
     if unsafe:
@@ -150,12 +172,13 @@ class VideoEncoders:
 
     @torch.no_grad()
     def video(self, clip_frames: torch.Tensor, sync_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from shared.media import clip_pixels, sync_pixels
         from shared.synchformer import encode_sync_frames
 
         device = self.runtime.torch_device
         with self.runtime.autocast():
-            clip_features = self.runtime.clip().encode_frames(clip_frames.to(device))
-            sync_features = encode_sync_frames(self.runtime.synchformer(), sync_frames[None].to(device))[0]
+            clip_features = self.runtime.clip().encode_frames(clip_pixels(clip_frames.to(device)))
+            sync_features = encode_sync_frames(self.runtime.synchformer(), sync_pixels(sync_frames[None].to(device)))[0]
         return clip_features.float().cpu(), sync_features.float().cpu()
 
     @torch.no_grad()
@@ -224,7 +247,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     job.validate()
     requests = collect_requests(job)
     inputs = tuple(job.videos) + tuple(p for p in (job.tsv, job.features) if p is not None)
-    out = claim_generated_folder(job.out, protected=inputs)
+    out = claim_output_folder(job.out, "generated", protected=inputs)
     runtime = job.source.runtime
     real = runtime.profile == "real"
     encoders_needed = bool(job.negative_prompt) or any(r.feature_row is None or job.prompt is not None
@@ -283,9 +306,17 @@ def _generate_batch(batch: list[Prepared], job: GenerateJob, network, encoders: 
 
 def _write(request: Request, audio: torch.Tensor, rate: int, out: Path, write_video: bool,
            summary: GenerationSummary) -> None:
-    """The wav, then the mp4; a clip whose mp4 cannot be written is reported, the others go on."""
+    """The wav, then the mp4; a clip whose audio is not finite (a diverged model) is skipped and
+    named, a clip whose mp4 cannot be written is reported, the others go on."""
     from shared.media import write_video_with_audio, write_wav
 
+    if not bool(torch.isfinite(audio).all()):
+        summary.skipped.append(f"{request.video or request.name}: the generated audio is not finite (NaN or inf: "
+                               "the adapter or --lora-scale made the model diverge); nothing written")
+        return
+    targets = [out / f"{request.name}.wav"] + ([out / f"{request.name}.mp4"]
+                                                if request.video is not None and write_video else [])
+    summary.replaced.extend(path for path in targets if path.exists())
     summary.written.append(write_wav(out / f"{request.name}.wav", audio, rate))
     if request.video is not None and write_video:
         try:

@@ -125,7 +125,8 @@ def features(
     variant: Optional[str] = typer.Option(None, help="The network variant you will train; it gives the audio "
                                           "mode [default: large_44k_v2, 44k]. " + VARIANT_HELP),
     mode: Optional[str] = typer.Option(None, help="The audio mode instead of a variant: 16k or 44k."),
-    window: float = typer.Option(8.0, help="Model window in seconds; shorter clips are padded."),
+    window: float = typer.Option(8.0, help="Model window in seconds, 0.64 to 8; shorter clips are padded, and "
+                                 "`train` trains at the features' window."),
     strict: bool = typer.Option(False, help="Fail (non-zero exit, output unchanged) when any clip is skipped."),
     split_long: bool = typer.Option(False, help="Cut clips longer than the window into consecutive windows "
                                     "instead of keeping only the first."),
@@ -172,7 +173,8 @@ def train_command(
                                         "(repeat for several)."),
     run: Path = typer.Option(..., "--run", "--run-dir", help="Run folder: adapter, checkpoints, metrics.jsonl, "
                              "TensorBoard logs (under torchrun write --run-dir: torchrun claims --run)."),
-    profile: str = typer.Option("real", help="real: an official checkpoint; tiny: the small test network."),
+    profile: Optional[str] = typer.Option(None, help="real: an official checkpoint; tiny: the small test network "
+                                          "[default: real]."),
     checkpoint: Optional[Path] = typer.Option(None, help="Official network file (mmaudio_*.pth); real profile."),
     variant: Optional[str] = typer.Option(None, help=VARIANT_HELP + " Inferred from the checkpoint if omitted."),
     steps: Optional[int] = typer.Option(None, help="Total optimizer steps of the run [default 2000]."),
@@ -186,28 +188,36 @@ def train_command(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " [default auto]"),
     seed: Optional[int] = typer.Option(None, help="Random seed [default 42]."),
-    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint up to --steps."),
+    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint up to --steps, with the "
+                                "settings the run recorded (only steps, intervals, device and precision may change)."),
     overwrite: bool = typer.Option(False, help="Replace the run in --run (deleted whole) instead of refusing."),
 ) -> None:
-    """Fine-tune the network with LoRA on precomputed features (encoders are never loaded)."""
-    from train.config import TrainConfig
+    """Fine-tune the network with LoRA on precomputed features (encoders are never loaded).
+
+    Settings: the defaults of train/config.py, then (with --resume) what the run recorded, then
+    the --config file, then the options given here."""
+    from shared.outputs import folder_kind
+    from shared.run_record import CONFIG_FILE
+    from train.config import TrainConfig, read_toml
     from train.loop import train
 
     with user_errors():
-        settings = TrainConfig.from_toml(config) if config else TrainConfig()
-        overrides = {"features": [str(f) for f in features], "run": str(run), "profile": profile,
-                     "checkpoint": str(checkpoint) if checkpoint else None, "variant": variant, "steps": steps,
-                     "batch_size": batch_size, "rank": rank, "alpha": alpha, "lr": lr, "val_fraction": val_fraction,
-                     "device": device, "precision": precision, "seed": seed}
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
+        continued = resume and folder_kind(run) == "run" and (run / CONFIG_FILE).is_file()
+        settings = TrainConfig.from_recorded(run) if continued else TrainConfig()
+        if config:
+            settings.updated(read_toml(config), str(config))
+        given = {"features": [str(f) for f in features], "run": str(run), "profile": profile,
+                 "checkpoint": str(checkpoint) if checkpoint else None, "variant": variant, "steps": steps,
+                 "batch_size": batch_size, "rank": rank, "alpha": alpha, "lr": lr, "val_fraction": val_fraction,
+                 "device": device, "precision": precision, "seed": seed}
+        settings.updated({key: value for key, value in given.items() if value is not None}, "command line")
         result = train(settings, resume=resume, overwrite=overwrite)
     if not result.main_process:
         return
     resumed = f" (now at step {result.steps})" if result.steps != result.steps_this_run else ""
     typer.echo(f"trained {result.steps_this_run} steps{resumed} in {result.seconds:.0f} s; LoRA parameters "
                f"{result.trainable_parameters:,} of {result.total_parameters:,}")
+    typer.echo(result.validation)
     best = (f", best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
             f"({run / 'best' / 'adapter'})") if result.best_val_loss is not None else ""
     typer.echo(f"last training loss {result.last_train_loss:.4f}{best}")
@@ -219,25 +229,32 @@ def train_command(
 
 @app.command()
 def demo(
-    root: Path = typer.Option(Path("data/demo"), help="Where the demo writes its clips, features and run."),
+    root: Path = typer.Option(Path("data/demo"), help="Where the demo writes its clips, features and run: a new "
+                              "or empty folder, or an earlier demo's."),
     steps: int = typer.Option(200, min=1, help="Training steps."),
 ) -> None:
     """Offline demo: synthetic clips, features, LoRA training and generated audio, with the tiny profile."""
     from mmaudio_lora.demo import run_demo
     from shared.weights import check_files
 
-    result = run_demo(root, steps)
+    with user_errors():
+        result = run_demo(root, steps)
     typer.echo(f"clips:    {result.tsv} ({result.feature_summary.clips} clips, "
                f"{result.feature_summary.padded} padded to the 8 s window)")
     typer.echo(f"features: {result.features}")
     best = result.train_result.best_val_loss
     typer.echo(f"run:      {result.run} ({result.train_result.steps} steps, last training loss "
                f"{result.train_result.last_train_loss:.3f}" + (f", best validation loss {best:.3f})" if best else ")"))
+    typer.echo(f"          {result.train_result.validation}; the split: {result.run / 'split.json'}")
     typer.echo(f"adapter:  {result.run / 'adapter'}; curves: {result.run / 'metrics.jsonl'}, "
                f"tensorboard --logdir {result.run / 'tensorboard'}")
     typer.echo(f"audio:    {result.generated[0]} (clip1, generated with the adapter)")
     typer.echo(f"video:    {result.generated[-1]}")
-    typer.echo(f"report:   {result.report} ({result.evaluation.verdict()})")
+    typer.echo("evaluation of the held-out clips:")
+    typer.echo(result.evaluation.table())
+    typer.echo(result.evaluation.verdict())
+    typer.echo(f"It rests on {result.evaluation.basis()}.")
+    typer.echo(f"report:   {result.report}")
     if all(status.found for status in check_files()):
         typer.echo("Official weights found: for the real run, put your clips in data/ and run "
                    "`make features` then `make train`.")
@@ -296,19 +313,25 @@ def generate(
                f"{summary.seconds:.1f} s")
     for path in summary.written[:10]:
         typer.echo(f"  {path}")
+    if summary.replaced:
+        typer.echo(f"replaced {len(summary.replaced)} earlier file(s) of the same name in {summary.out}, e.g. "
+                   f"{summary.replaced[0].name}")
     if not summary.written:
         raise typer.Exit(1)
 
 
 @app.command()
 def evaluate(
-    run: Path = typer.Option(..., help="Training run folder (its adapter/ and config.json)."),
-    features: Optional[Path] = typer.Option(None, help="Held-out feature folder [default: the run's validation split]."),
+    run: Path = typer.Option(..., help="Training run folder (its adapter/, config.json and split.json)."),
+    features: Optional[Path] = typer.Option(None, help="Held-out feature folder [default: the run's recorded "
+                                            "validation clips, whole source videos it never trained on]."),
     clip_id: list[str] = typer.Option([], "--id", help="Only this held-out clip id (repeat)."),
     out: Optional[Path] = typer.Option(None, help="JSON report [default: RUN/evaluation.json]."),
     steps: int = typer.Option(25, min=1, help="Euler steps for the generated audio."),
     cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
-    seed: int = typer.Option(42, help="Noise seed (the same for both models)."),
+    seed: int = typer.Option(42, help="First noise seed (the same for both models)."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per clip and model (seed, seed+1, ...): the per-clip "
+                              "differences are averaged over them."),
     lora_scale: str = typer.Option("1", help="Adapter strength, or several separated by commas (0,0.5,1,1.5): "
                                    "each is scored on the same clips; the best by validation flow loss is named."),
     checkpoints: bool = typer.Option(False, "--checkpoints", help="Also score every kept checkpoint's adapter and "
@@ -320,7 +343,8 @@ def evaluate(
     checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
-    """Compare the base model with the fine-tuned one on held-out clips: flow loss and log-mel L1.
+    """Compare the base model with the fine-tuned one on held-out clips: validation flow loss,
+    log-mel L1 and DeSync, with 95 % intervals of the per-clip differences.
 
     Writes RUN/evaluation.json and a report to open in a browser, RUN/evaluation/index.html (audio,
     spectrograms, training curves, the verdict)."""
@@ -336,11 +360,12 @@ def evaluate(
         source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
                                 device=device, precision=precision)
         result = run_evaluation(run, source, features, clip_id, SamplingSettings(steps, cfg, seed), scales,
-                                batch_size, out, checkpoints)
+                                batch_size, out, checkpoints, seeds=seeds)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
-               f"{steps} steps, cfg {cfg:g}, seed {seed}:")
+               f"{steps} steps, cfg {cfg:g}, seeds {seed}-{seed + seeds - 1}:")
     typer.echo(result.table())
     typer.echo(result.verdict())
+    typer.echo(f"It rests on {result.basis()}.")
     typer.echo(f"numbers: {out or run / 'evaluation.json'}; report: {run / 'evaluation' / 'index.html'} "
                f"({result.seconds:.0f} s)")
 
@@ -348,15 +373,25 @@ def evaluate(
 @app.command()
 def export(
     run: Path = typer.Option(..., help="Training run folder (its adapter/ and config.json)."),
-    out: Path = typer.Option(..., help="Merged checkpoint to write (.pth); a .safetensors copy goes beside it."),
+    out: Path = typer.Option(..., help="Merged checkpoint to write (.pth); a .safetensors copy goes beside it. "
+                             "Keep the variant in the name (merged_large_44k_v2.pth): some tools read the rate from it."),
+    dtype: str = typer.Option("fp32", help="fp32 (the official files' precision), fp16 or bf16 (half the size; "
+                              "the latent statistics stay float32)."),
     profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's]."),
     checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
 ) -> None:
-    """Merge the LoRA adapter into the base network: a checkpoint in the official layout."""
-    from generate.export import export_checkpoint
+    """Merge the LoRA adapter into the base network: a checkpoint in the official layout.
+
+    Load it with MMAudio's own code or ComfyUI-MMAudio; see the README's "Using the fine-tune
+    elsewhere" (do not put it in place of the official file: MMAudio's demo re-downloads it)."""
+    from generate.export import check_dtype, export_checkpoint, name_warning
     from generate.model import resolve_source
 
     with user_errors():
-        result = export_checkpoint(run, out, resolve_source(run=run, profile=profile, checkpoint=checkpoint))
-    typer.echo(f"{result.pth} and {result.safetensors}: {result.variant}, {result.tensors} tensors, "
+        check_dtype(dtype)
+        result = export_checkpoint(run, out, resolve_source(run=run, profile=profile, checkpoint=checkpoint), dtype)
+    typer.echo(f"{result.pth} and {result.safetensors}: {result.variant}, {result.tensors} tensors in {result.dtype}, "
                "no LoRA left (load with MMAudio's own loader, strict)")
+    warning = name_warning(result.pth, result.variant)
+    if warning:
+        typer.echo(f"warning: {warning}")

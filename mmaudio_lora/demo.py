@@ -43,7 +43,8 @@ def write_demo_clips(root: Path) -> Path:
     return tsv
 
 
-def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
+def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -> DemoResult:
+    """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model."""
     from generate.evaluate import evaluate
     from generate.model import resolve_source
     from shared.synthesis import SamplingSettings
@@ -53,11 +54,13 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
     from train.config import TrainConfig
     from train.loop import train
 
-    root.mkdir(parents=True, exist_ok=True)
+    from shared.outputs import claim_output_folder
+
+    root = claim_output_folder(root, "demo")  # new, empty or an earlier demo's: never the user's data/
     tsv = write_demo_clips(root)
     features = root / "features"
     summary = run_features(FeatureJob(tsv=tsv, video_root=root / "segmented_videos", out=features,
-                                      runtime=Runtime(mode="16k", profile="tiny", device="cpu"), workers=2,
+                                      runtime=Runtime(mode="16k", profile="tiny", device="cpu"), workers=0,
                                       batch_size=4))
     config = TrainConfig(features=[str(features)], run=str(root / "run"), profile="tiny", steps=steps, batch_size=4,
                          lr=1e-3, warmup_steps=20, val_fraction=0.25, val_every=50, checkpoint_every=100,
@@ -66,6 +69,6 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200) -> DemoResult:
     generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run), device="cpu"),
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"]))
     evaluation = evaluate(Path(config.run), resolve_source(run=Path(config.run), device="cpu"),
-                          sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0))
+                          sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0), seeds=seeds)
     return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, evaluation,
                       Path(config.run) / "evaluation" / "index.html")

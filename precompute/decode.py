@@ -1,19 +1,24 @@
 """Decoding clips in DataLoader workers, so the encoders never wait on one clip's decoding.
 
-A worker marks the clip it is decoding (`<markers>/<pid>`), so that when a file crashes the
-decoder itself (a segmentation fault in a media library) the clips that were being decoded are
-known and can be tried again one by one, and the culprit skipped.
+A worker marks the clip it is decoding (`<markers>/<pid>`, one marker folder per torchrun rank),
+so that when a file crashes the decoder itself (a segmentation fault in a media library) the clips
+that were being decoded are known and can be tried again one by one, and the culprit skipped.
+
+Decoded clips travel to the main process through shared memory (/dev/shm), which containers
+often keep small: the workers and their prefetching are bounded by what is free there.
 """
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset, get_worker_info
 
 from shared.clip_list import ClipEntry
-from shared.media import MediaError, Segment, load_segment
+from shared.media import CLIP_SIZE, SYNC_SIZE, MediaError, Segment, load_segment
+from shared.sequence import SequenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +72,67 @@ def clips_in_flight(markers: Path) -> list[int]:
             pass
         marker.unlink(missing_ok=True)
     return sorted(set(found))
+
+
+SHARED_MEMORY = Path("/dev/shm")
+PREFETCH = 2  # batches each worker decodes ahead
+
+
+@dataclass(frozen=True)
+class DecodingPlan:
+    workers: int
+    prefetch: int | None  # None with no workers (decoding in the main process)
+    free_bytes: int | None  # shared memory free when planned (None: unknown)
+
+
+def clip_bytes(mode: str, window_sec: float) -> int:
+    """What one decoded clip weighs in transit: uint8 frames for both encoders and float32 audio."""
+    seq = SequenceConfig(mode, window_sec)
+    return 3 * (seq.clip_seq_len * CLIP_SIZE ** 2 + seq.sync_frames * SYNC_SIZE ** 2) + 4 * seq.num_audio_samples
+
+
+def free_shared_memory() -> int | None:
+    """What decoded clips in transit can take: the free space of /dev/shm, and no more than the
+    memory available (a tmpfs lives in it); None where neither can be read."""
+    figures = []
+    try:
+        stat = os.statvfs(SHARED_MEMORY)
+        figures.append(stat.f_bavail * stat.f_frsize)
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                figures.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(figures) if figures else None
+
+
+def plan_decoding(workers: int, batch_size: int, mode: str, window_sec: float,
+                  free_bytes: int | None = None) -> DecodingPlan:
+    """At most `workers` workers, fewer (and less prefetching) when their batches in flight
+    (workers x prefetch x batch x clip) would take more than half the free shared memory."""
+    free_bytes = free_shared_memory() if free_bytes is None else free_bytes
+    if workers == 0:
+        return DecodingPlan(0, None, free_bytes)
+    if free_bytes is None:
+        return DecodingPlan(workers, PREFETCH, None)
+    per_batch = batch_size * clip_bytes(mode, window_sec)
+    budget = free_bytes // 2
+    for prefetch in (PREFETCH, 1):
+        fitting = min(workers, budget // (prefetch * per_batch))
+        if fitting >= 1:
+            break
+    planned = DecodingPlan(max(1, fitting), prefetch, free_bytes)
+    if (planned.workers, planned.prefetch) != (workers, PREFETCH):
+        log.warning("decoding with %d worker(s), %d batch(es) ahead each: %.0f MB of shared memory (%s) is free and "
+                    "a batch of %d clips takes %.0f MB", planned.workers, planned.prefetch, free_bytes / 1e6,
+                    SHARED_MEMORY, batch_size, per_batch / 1e6)
+    return planned
+
+
+def out_of_shared_memory(error: Exception) -> bool:
+    """Whether a DataLoader worker died of a full /dev/shm (torch says so; the signal is a bus error)."""
+    text = str(error)
+    return "shared memory" in text or "Bus error" in text or "No space left on device" in text

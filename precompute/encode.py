@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-from shared.media import Segment
+from shared.media import Segment, clip_pixels, sync_pixels
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class FeatureEncoder:
         start = time.perf_counter()
         yield
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         self.seconds[name] += time.perf_counter() - start
 
     @torch.no_grad()
@@ -40,14 +40,14 @@ class FeatureEncoder:
         mel_converter, vae = self.runtime.mel_converter(), self.runtime.vae()
         from shared.synchformer import encode_sync_frames
 
-        clip_frames = torch.stack([s.clip_frames for s in segments])  # (B, 64, 3, 384, 384)
+        clip_frames = torch.stack([s.clip_frames for s in segments])  # (B, 64, 3, 384, 384) uint8
         with self._timed("clip frames"), self.runtime.autocast():
             flat = clip_frames.flatten(0, 1)
             step = self.frames_per_call
-            clip_features = torch.cat([clip_model.encode_frames(flat[i:i + step].to(self.device))
+            clip_features = torch.cat([clip_model.encode_frames(clip_pixels(flat[i:i + step].to(self.device)))
                                        for i in range(0, flat.shape[0], step)]).float()
         with self._timed("synchformer"), self.runtime.autocast():
-            sync_frames = torch.stack([s.sync_frames for s in segments]).to(self.device)
+            sync_frames = sync_pixels(torch.stack([s.sync_frames for s in segments]).to(self.device))
             sync_features = encode_sync_frames(synchformer, sync_frames, self.windows_per_call).float()
         with self._timed("vae"):  # float32: the latents are the training targets
             audio = torch.stack([s.audio for s in segments]).to(self.device)

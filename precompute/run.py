@@ -8,6 +8,7 @@ interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,19 +19,18 @@ from pathlib import Path
 
 from shared.clip_list import ClipEntry, read_clip_list, split_into_windows
 from shared.errors import UserError
+from shared.sequence import MIN_CLIP_SEC, check_window
 from precompute.store import (
     FORMAT_VERSION,
     MEDIA_KEYS,
     TEXT_KEY,
     WorkCache,
     load_rows,
-    output_lock,
     read_manifest,
     recover,
     write_output,
 )
-from shared.feature_files import MANIFEST_NAME
-from shared.outputs import check_output_folder
+from shared.outputs import check_output_folder, folder_lock
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,14 @@ def _with_probed_end(entry: ClipEntry, probe_duration) -> ClipEntry:
 
 
 def _entries(items: list[Item]) -> list[list[str]]:
-    return [[item.entry.id, item.entry.caption, item.media_key, item.text_key] for item in items]
+    return [[item.entry.id, item.entry.caption, item.entry.group, item.media_key, item.text_key] for item in items]
 
 
 def run_features(job: FeatureJob, show_progress: bool = True) -> FeatureSummary:
     """Bring `job.out` up to date with the list; refuses an output folder that is not ours."""
-    out = check_output_folder(job.out, MANIFEST_NAME, "features", protected=(Path(job.video_root), Path(job.tsv)))
-    with output_lock(out):
+    check_window(job.window_sec)
+    out = check_output_folder(job.out, "features", protected=(Path(job.video_root), Path(job.tsv)))
+    with folder_lock(out, "features"):
         return _run_locked(replace(job, out=out), show_progress)
 
 
@@ -145,24 +146,31 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     items = plan(job, encoder_weights)
     manifest = read_manifest(job.out)
     if (manifest is not None and manifest.get("entries") == _entries(items)
-            and manifest.get("weights") == encoder_weights):
-        return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=manifest.get("skipped", []),
-                       seconds=time.perf_counter() - started)
+            and manifest.get("weights") == encoder_weights and manifest.get("min_clip_sec") == MIN_CLIP_SEC
+            and "padded" in manifest):
+        skipped = manifest.get("skipped", [])
+        if job.strict and skipped:
+            raise StrictModeError(f"{len(skipped)} clip(s) are skipped and --strict is set (nothing changed since "
+                                  f"the last run). First: {skipped[0]}")
+        return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=skipped,
+                              padded=manifest["padded"], seconds=time.perf_counter() - started)
 
     from shared.distributed import Ranks
 
     ranks = Ranks.from_environment(job.runtime.device)
-    if ranks.device is not None:
-        job = replace(job, runtime=job.runtime.on(ranks.device))
-    previous = PreviousOutput.read(job.out, manifest)
-    cache = WorkCache(job.out)
-    encoded = _encode_missing(job, items, previous, cache, ranks, show_progress)
-    summary = FeatureSummary(out=job.out, clips=len(items), encoded_media=encoded.media, encoded_text=encoded.text,
-                      timings=encoded.timings, models_loaded=encoded.models, main_process=ranks.is_main)
-    if ranks.is_main:
-        written = time.perf_counter()
-        summary.skipped, summary.padded = _assemble(job, items, encoder_weights, previous, cache)
-        summary.timings["write"] = time.perf_counter() - written
+    with contextlib.closing(ranks):
+        if ranks.device is not None:
+            job = replace(job, runtime=job.runtime.on(ranks.device))
+        previous = PreviousOutput.read(job.out, manifest)
+        cache = WorkCache(job.out)
+        encoded = _encode_missing(job, items, previous, cache, ranks, show_progress)
+        summary = FeatureSummary(out=job.out, clips=len(items), encoded_media=encoded.media,
+                                 encoded_text=encoded.text, timings=encoded.timings, models_loaded=encoded.models,
+                                 main_process=ranks.is_main)
+        if ranks.is_main:
+            written = time.perf_counter()
+            summary.skipped, summary.padded = _assemble(job, items, encoder_weights, previous, cache)
+            summary.timings["write"] = time.perf_counter() - written
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -180,7 +188,8 @@ class PreviousOutput:
         if rows is None:
             return cls()
         entries = manifest.get("rows", [])
-        return cls(rows, {e[2]: i for i, e in enumerate(entries)}, {e[3]: i for i, e in enumerate(entries)})
+        # rows end with (media key, text key), whatever columns come before them
+        return cls(rows, {e[-2]: i for i, e in enumerate(entries)}, {e[-1]: i for i, e in enumerate(entries)})
 
     def features(self, item: Item, cache: WorkCache) -> dict:
         """One clip's tensors: from this output where its fingerprints match, else from the work folder."""
@@ -215,7 +224,7 @@ def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput
                         "text_key")
     ranks.barrier()  # every rank has listed the work before any rank adds to the work folder
     encoder = FeatureEncoder(job.runtime)
-    media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress)
+    media = _encode_media(job, ranks.shard(media_todo), encoder, cache, show_progress, ranks.rank)
     text = _encode_text(ranks.shard(text_todo), encoder, cache, job.batch_size)
     # These collectives also wait for every rank to finish encoding before rank 0 assembles.
     timings = dict(encoder.seconds, **{"load models": job.runtime.load_seconds})
@@ -227,11 +236,17 @@ def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previou
     """Write the new output (kept clips, manifest, skip report) and swap it in: (skip lines, padded clips)."""
     from shared import __version__
 
-    kept, skipped = [], []
+    kept, skipped, padded = [], [], 0
     for item in items:
         reason = None if item.media_key in previous.media_row else cache.skip_reason(item.media_key)
         if reason is None:
+            seconds = float(previous.features(item, cache)["duration_sec"])
+            if seconds < MIN_CLIP_SEC - 1e-6:
+                reason = (f"only {seconds:.2f} s of picture and sound, shorter than the {MIN_CLIP_SEC:g} s minimum "
+                          "(one Synchformer window)")
+        if reason is None:
             kept.append(item)
+            padded += seconds < job.window_sec - 1e-3
         else:
             skipped.append(f"row {item.entry.row} ({item.entry.id}): {item.entry.video}: {reason}")
     for line in skipped:
@@ -247,17 +262,18 @@ def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previou
 
     manifest = {
         "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
-        "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec, "weights": encoder_weights,
-        "entries": _entries(items), "rows": _entries(kept), "skipped": skipped,
+        "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec,
+        "min_clip_sec": MIN_CLIP_SEC, "weights": encoder_weights,
+        "entries": _entries(items), "rows": _entries(kept), "skipped": skipped, "padded": padded,
         "clips": [{"id": i.entry.id, "row": i.entry.row, "video": str(i.entry.video), "start_sec": i.entry.start_sec,
-                   "end_sec": i.entry.end_sec, "media_key": i.media_key, "text_key": i.text_key} for i in kept],
+                   "end_sec": i.entry.end_sec, "group": i.entry.group, "media_key": i.media_key,
+                   "text_key": i.text_key} for i in kept],
     }
     shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
-    write_output(job.out, [{"id": i.entry.id, "label": i.entry.caption} for i in kept], shapes, fetch, manifest,
-                 skipped)
+    write_output(job.out, [{"id": i.entry.id, "label": i.entry.caption, "group": i.entry.group} for i in kept], shapes,
+                 fetch, manifest, skipped)
     cache.clear()
-    durations = load_rows(job.out)["duration_sec"]
-    return skipped, int((durations < job.window_sec - 1e-3).sum())
+    return skipped, padded
 
 
 def _unique(items: list[Item], key: str) -> list[Item]:
@@ -269,31 +285,40 @@ def _unique(items: list[Item], key: str) -> list[Item]:
     return unique
 
 
-def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, show_progress: bool) -> int:
+def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, show_progress: bool,
+                  rank: int = 0) -> int:
     """Decode in DataLoader workers, encode in batches, store each clip as soon as it is done.
 
     When a worker dies (a file that crashes the decoder), the clips it may have been decoding are
-    tried again one at a time in a worker of their own; the one that crashes again is skipped.
+    tried again one at a time in a worker of their own; the one that crashes again is skipped. A
+    worker that died of full shared memory stops the run with that cause named.
     """
     if not todo:
         return 0
     from tqdm import tqdm
 
-    from precompute.decode import clips_in_flight
+    from precompute.decode import clips_in_flight, free_shared_memory, out_of_shared_memory, plan_decoding
 
-    markers = cache.root / "decoding"
+    markers = cache.root / "decoding" / f"rank-{rank}"  # a rank reads only its own workers' markers
     markers.mkdir(parents=True, exist_ok=True)
-    workers = default_workers() if job.workers is None else job.workers
+    plan = plan_decoding(default_workers() if job.workers is None else job.workers, job.batch_size,
+                         job.runtime.mode, job.window_sec)
     encoded = 0
     with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
         pending = todo
         while pending:
             try:
-                encoded += _decode_and_encode(job, pending, encoder, cache, markers, workers, progress)
+                encoded += _decode_and_encode(job, pending, encoder, cache, markers, plan, progress)
                 break
             except RuntimeError as error:
-                if workers == 0 or "DataLoader worker" not in str(error):
+                if plan.workers == 0 or "DataLoader worker" not in str(error):
                     raise
+                if out_of_shared_memory(error):
+                    free = free_shared_memory()
+                    raise UserError("the decoding workers ran out of shared memory (/dev/shm"
+                                    + (f", {free / 1e6:.0f} MB free now" if free is not None else "") + "): pass "
+                                    "--workers 1 or a smaller --batch-size, or give the container more shared memory "
+                                    "(docker run --shm-size=8g)") from None
                 suspects = [pending[i] for i in clips_in_flight(markers)]
                 if not suspects:
                     raise
@@ -301,7 +326,8 @@ def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, 
                             str(error).splitlines()[0], len(suspects))
                 for item in suspects:
                     try:
-                        encoded += _decode_and_encode(job, [item], encoder, cache, markers, 1, progress)
+                        encoded += _decode_and_encode(job, [item], encoder, cache, markers, replace(plan, workers=1),
+                                                      progress)
                     except RuntimeError as again:
                         if "DataLoader worker" not in str(again):
                             raise
@@ -313,14 +339,15 @@ def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, 
     return encoded
 
 
-def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, markers: Path, workers: int,
+def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, markers: Path, plan,
                        progress) -> int:
     from torch.utils.data import DataLoader
 
     from precompute.decode import SegmentDataset, collate_segments
 
     dataset = SegmentDataset([i.entry for i in todo], job.window_sec, job.runtime.mode, markers)
-    loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=workers, collate_fn=collate_segments)
+    loader = DataLoader(dataset, batch_size=job.batch_size, num_workers=plan.workers, prefetch_factor=plan.prefetch,
+                        collate_fn=collate_segments)
     encoded = 0
     batches = iter(loader)
     while True:

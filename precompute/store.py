@@ -2,9 +2,10 @@
 
     <out>/memmap/       TensorDict memmap: mean, std, clip_features, sync_features, text_features,
                         duration_sec (an extra key ExtractedVGG ignores)
-    <out>/clips.tsv     id, label: one row per memmap row, same order
+    <out>/clips.tsv     id, label, group (the source video): one row per memmap row, same order
     <out>/manifest.json tool version, settings, encoder weight identity, per-clip fingerprints
     <out>/skipped.txt   one line per clip left out, and why
+    <out>/.mmaudio-lora marks the folder as a feature folder of ours
 
 A run writes into a staging folder beside `<out>` and swaps it in; encoded clips wait in a work
 folder beside it (`.<name>.work/`), so a killed run loses nothing and resumes.
@@ -15,13 +16,10 @@ import csv
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
-from shared.outputs import atomic_path, atomic_write_text, replace_folder
+from shared.outputs import atomic_path, atomic_write_text, mark_folder, replace_folder
 
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
@@ -30,36 +28,6 @@ FORMAT_VERSION = 1
 
 def sibling(out: Path, suffix: str) -> Path:
     return out.parent / f".{out.name}.{suffix}"
-
-
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold `.<name>.lock` beside `out` for the run: a second run on the same folder stops at
-    once, naming the process that holds it (released by the OS even if this process is killed)."""
-    import fcntl
-
-    if os.environ.get("RANK", "0") != "0":  # a torchrun job: rank 0 holds it for all ranks
-        yield
-        return
-    path = sibling(out, "lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{out}: another `features` run ({holder}) is writing this folder; "
-                            "wait for it to finish or stop it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # while still held: nothing of ours stays beside the output
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def recover(out: Path) -> None:
@@ -128,7 +96,7 @@ def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]]
                  skipped_lines: list[str]) -> None:
     """Assemble the new output in a staging folder, then swap it in for `out`.
 
-    `rows` hold id and label; `fetch(i)` gives row i's tensors by key.
+    `rows` hold id, label and group; `fetch(i)` gives row i's tensors by key.
     """
     import torch
     from tensordict import TensorDict
@@ -146,9 +114,10 @@ def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]]
             memmap[key][index] = value
     with open(staging / TSV_NAME, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        writer.writerow(["id", "label"])
-        writer.writerows([row["id"], row["label"]] for row in rows)
+        writer.writerow(["id", "label", "group"])
+        writer.writerows([row["id"], row["label"], row["group"]] for row in rows)
     (staging / SKIPPED_NAME).write_text("".join(line + "\n" for line in skipped_lines))
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    mark_folder(staging, "features")
 
     replace_folder(staging, out)

@@ -26,6 +26,9 @@ def read_checkpoint(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.suffix != ".safetensors" and not _torch_file_start(path):
+        raise CheckpointError(f"{path}: not a checkpoint: neither a PyTorch weight file nor safetensors (it does not "
+                              "start as either does)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -37,15 +40,25 @@ def read_checkpoint(path: str | os.PathLike):
     return state
 
 
+def _torch_file_start(path: Path) -> bool:
+    """Whether a file starts as torch.save writes: a zip archive, or a pickle (the legacy format)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"
+
+
 def _why_unreadable(error: Exception) -> str:
     """One line for a file torch or safetensors would not load. torch's own message for a pickle
-    with code in it advises the unsafe load; we never repeat that advice."""
+    with code in it advises the unsafe load; we never repeat that advice, and we call a file
+    'code' only when it names something to call."""
     text = str(error).strip()
     if "Weights only load failed" in text:
         detail = re.search(r"(?:unsupported GLOBAL|Unsupported global:?) (?:GLOBAL )?([\w.]+)", text)
-        called = f" (it calls {detail.group(1)})" if detail else ""
-        return (f"refused: a pickle that would run code or build arbitrary objects when loaded{called}; "
-                "only plain weight files are read")
+        if detail or "GLOBAL" in text:
+            called = f" (it calls {detail.group(1)})" if detail else ""
+            return (f"refused: a pickle that would run code or build arbitrary objects when loaded{called}; "
+                    "only plain weight files are read")
+        return "not a readable weight file: a pickle that holds no plain tensors (damaged, or not a checkpoint)"
     reason = text.splitlines()[0] if text else type(error).__name__
     return f"not a readable weight file (truncated or corrupt?): {reason}"
 

@@ -2,6 +2,10 @@
 
 Segment schema (no `id`): video_path, start_time, end_time, caption (+ any other columns).
 MMAudio schema: id, label, videos at <video root>/<id>.mp4, the whole clip up to the window.
+
+Each clip's group is the source video it was cut from: `original_video` when the list has it,
+else `title_folder`, else the video file; in MMAudio's lists each id is its own group. Validation
+holds out whole groups, so no segment of a held-out source is trained on.
 """
 from __future__ import annotations
 
@@ -29,9 +33,14 @@ class ClipEntry:
     start_sec: float
     end_sec: float | None  # None: up to the end of the file (or the window)
     caption: str
+    group: str = ""  # the source video (see the module's docstring)
 
 
-def _safe_id(text: str) -> str:
+GROUP_COLUMNS = ("original_video", "title_folder")  # the first a list has names each clip's source
+
+
+def safe_id(text: str) -> str:
+    """A file-system-safe name made of `text` (ids and output names derived from paths)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "clip"
 
 
@@ -122,6 +131,8 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
                 problems.setdefault("id is not a plain file name (no /, \\ or leading .)", []).append(line)
                 continue
             relative, start, end = f"{clip_id}.mp4", 0.0, None
+        group = (next((record[c] for c in GROUP_COLUMNS if record.get(c)), None)
+                 or (relative if "video_path" in columns else clip_id))
         if not relative:
             problems.setdefault("empty video path or id", []).append(line)
             continue
@@ -129,7 +140,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
         if refusal is not None:
             problems.setdefault(refusal, []).append(line)
             continue
-        clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column]))
+        clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column], group))
     if problems:
         raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))
     clips = _assign_ids(clips, video_root.resolve())
@@ -154,7 +165,7 @@ def _assign_ids(clips: list[ClipEntry], root: Path) -> list[ClipEntry]:
         if clip.id:
             derived.append(clip)
             continue
-        stem = _safe_id(str(clip.video.relative_to(root).with_suffix("")).replace("/", "__"))
+        stem = safe_id(str(clip.video.relative_to(root).with_suffix("")).replace("/", "__"))
         if per_file[clip.video] > 1:
             stem += f"_{clip.start_sec:g}-{clip.end_sec:g}s"
         derived.append(replace(clip, id=stem))

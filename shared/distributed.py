@@ -1,10 +1,17 @@
 """Several `torchrun` processes: ranks, sharding, collectives; rank 0 writes results."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
+
+from shared.errors import UserError
+
+# Control collectives wait for the slowest rank (its share of `features` can take hours on a big
+# list): NCCL's default 10-minute watchdog would abort a healthy job.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=int(os.environ.get("MMAUDIO_LORA_COLLECTIVE_TIMEOUT_HOURS", "12")))
 
 
 def rank_rows(items, rank: int, world_size: int):
@@ -22,14 +29,13 @@ class Ranks:
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> "Ranks":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls()
+        if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+            return cls()  # not started by torchrun: one process, no group
         import torch.distributed as dist
 
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
         rank = dist.get_rank()
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
         if use_cuda:
@@ -39,6 +45,31 @@ class Ranks:
     def shard(self, items: list) -> list:
         """This rank's share of `items`."""
         return rank_rows(items, self.rank, self.world_size)
+
+    def main_first(self, action):
+        """`action()` on rank 0 while the other ranks wait; a UserError there stops every rank
+        (the others would otherwise wait for it forever)."""
+        failure, result = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except UserError as error:
+                failure = error
+        stopped = self.total(int(failure is not None)) if self.grouped else int(failure is not None)
+        if failure is not None:
+            raise failure
+        if stopped:
+            raise UserError("rank 0 stopped the job; its message says why")
+        return result
+
+    def close(self) -> None:
+        """End the process group this process started (torchrun jobs), so NCCL exits cleanly."""
+        if self.grouped:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.grouped = False
 
     def barrier(self) -> None:
         if self.grouped:

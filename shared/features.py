@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 from shared.errors import UserError, is_plain_file_name
-from shared.feature_files import MEMMAP_DIR, TSV_NAME
+from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, TSV_NAME
+from shared.sequence import MIN_CLIP_SEC
 
-
+log = logging.getLogger(__name__)
+_told_without_groups: set[str] = set()  # folders already named in this process (said once)
 
 
 class FeatureFormatError(UserError):
@@ -31,7 +34,8 @@ class ExtractedFeatures(Dataset):
     """MMAudio's ExtractedVGG: same constructor, same checks, same item dictionary.
 
     Items also carry `duration_sec` when the memmap has it (our precompute writes it), so the
-    trainer can mask padded latent frames.
+    trainer can mask padded latent frames. `groups` are the clips' source videos (the TSV's
+    `group` column, which ExtractedVGG ignores); a folder without it makes each clip its own group.
     """
 
     def __init__(self, tsv_path: str | Path, *, premade_mmap_dir: str | Path, data_dim: dict[str, int]):
@@ -44,6 +48,8 @@ class ExtractedFeatures(Dataset):
         rows = _read_rows(tsv_path)
         self.ids = [row["id"] for row in rows]
         self.captions = [row["label"] for row in rows]
+        self.has_groups = bool(rows) and "group" in rows[0]
+        self.groups = [row.get("group") or row["id"] for row in rows]
         td = TensorDict.load_memmap(premade_mmap_dir)
         self.mean, self.std = td["mean"], td["std"]
         self.clip_features, self.sync_features = td["clip_features"], td["sync_features"]
@@ -113,22 +119,45 @@ def feature_ids(directory: str | Path) -> list[str]:
     return [row["id"] for row in _read_rows(_feature_tsv(directory))]
 
 
+def _memmap_shape(directory: str | Path, key: str) -> list[int]:
+    _feature_tsv(directory)  # the folder's own files first: the clearest error for a wrong folder
+    meta = Path(directory) / MEMMAP_DIR / "meta.json"
+    try:
+        shape = json.loads(meta.read_text())[key]["shape"]
+        if not isinstance(shape, list) or len(shape) < 2:
+            raise ValueError
+        return shape
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FeatureFormatError(f"{directory}: no readable {MEMMAP_DIR}/meta.json; is this a folder written by "
+                                 "`mmaudio-lora features`?") from None
+
+
 def feature_mode(directory: str | Path) -> str:
     """The audio mode a feature folder was computed for, from its latents' width (the VAE's)."""
     from shared.sequence import LATENT_DIMS
 
-    _feature_tsv(directory)  # the folder's own files first: the clearest error for a wrong folder
-    meta = Path(directory) / MEMMAP_DIR / "meta.json"
-    try:
-        latent_dim = json.loads(meta.read_text())["mean"]["shape"][-1]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        raise FeatureFormatError(f"{directory}: no readable {MEMMAP_DIR}/meta.json; is this a folder written by "
-                                 "`mmaudio-lora features`?") from None
+    latent_dim = _memmap_shape(directory, "mean")[-1]
     modes = [mode for mode, width in LATENT_DIMS.items() if width == latent_dim]
     if not modes:
         raise FeatureFormatError(f"{directory}: latents of width {latent_dim} belong to no audio mode "
                                  f"({LATENT_DIMS})")
     return modes[0]
+
+
+def feature_window(directory: str | Path) -> float:
+    """The window (seconds) a feature folder was computed for, from its CLIP frames (8 per second)."""
+    from shared.sequence import CLIP_FPS
+
+    return _memmap_shape(directory, "clip_features")[1] / CLIP_FPS
+
+
+def folders_window(folders: list[str]) -> float:
+    """The window every feature folder was made for (they must agree)."""
+    windows = {str(folder): feature_window(folder) for folder in folders}
+    if len(set(windows.values())) > 1:
+        raise FeatureFormatError(f"feature folders of different windows: {windows}; make them with the same "
+                                 "`features --window`")
+    return next(iter(windows.values()))
 
 
 def open_feature_dir(directory: str | Path, data_dim: dict[str, int]) -> ExtractedFeatures:
@@ -143,6 +172,7 @@ class FeatureSet:
 
     ids: list[str]
     tensors: dict[str, torch.Tensor]  # a_mean, a_std, clip/sync/text features, duration_sec
+    groups: list[str]  # each clip's source video: validation holds out whole groups
 
     @classmethod
     def load(cls, folders: list[str], data_dim: dict[str, int], window_sec: float) -> "FeatureSet":
@@ -151,6 +181,12 @@ class FeatureSet:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise UserError(f"clip ids appear in several feature folders: {', '.join(duplicates[:5])}")
+        for folder, part in zip(folders, parts):
+            if not part.has_groups and str(folder) not in _told_without_groups:
+                _told_without_groups.add(str(folder))
+                log.warning("%s: made before source videos were recorded (no `group` column): each clip counts as "
+                            "its own source; run `mmaudio-lora features` again (no re-encoding) to hold out "
+                            "whole source videos", folder)
         tensors = {
             "a_mean": torch.cat([p.mean[:] for p in parts]),
             "a_std": torch.cat([p.std[:] for p in parts]),
@@ -161,31 +197,78 @@ class FeatureSet:
             "duration_sec": torch.cat([p.duration_sec[:] if p.duration_sec is not None
                                        else torch.full((len(p),), window_sec) for p in parts]),
         }
-        return cls(ids, {k: v.float() for k, v in tensors.items()})
+        short = [(i, float(d)) for i, d in zip(ids, tensors["duration_sec"].tolist()) if d < MIN_CLIP_SEC - 1e-6]
+        if short:
+            listed = ", ".join(f"{i} ({d:.2f} s)" for i, d in short[:5])
+            raise FeatureFormatError(f"clips shorter than the {MIN_CLIP_SEC} s minimum: {listed}; run "
+                                     "`mmaudio-lora features` again: it now leaves them out (no re-encoding)")
+        return cls(ids, {k: v.float() for k, v in tensors.items()}, [g for part in parts for g in part.groups])
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def window_sec(self) -> float:
+        """The window the features were made for (CLIP frames are taken at 8 per second)."""
+        from shared.sequence import CLIP_FPS
+
+        return self.tensors["clip_features"].shape[1] / CLIP_FPS
+
     def subset(self, indices: list[int]) -> "FeatureSet":
         index = torch.tensor(indices, dtype=torch.long)
-        return FeatureSet([self.ids[i] for i in indices], {k: v[index] for k, v in self.tensors.items()})
+        return FeatureSet([self.ids[i] for i in indices], {k: v[index] for k, v in self.tensors.items()},
+                          [self.groups[i] for i in indices])
+
+    def select(self, ids: list[str]) -> "FeatureSet":
+        """The clips of `ids`, in this set's order; ids it lacks are named in the error."""
+        missing = sorted(set(ids) - set(self.ids))
+        if missing:
+            raise FeatureFormatError(f"clip id(s) not in the features: {', '.join(missing[:5])}"
+                                     + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        wanted = set(ids)
+        return self.subset([n for n, i in enumerate(self.ids) if i in wanted])
 
     def batch(self, indices: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return {k: v[index] for k, v in self.tensors.items()}
 
 
-def split(ids: list[str], val_fraction: float, val_ids: list[str]) -> tuple[list[int], list[int]]:
-    """Deterministic train/validation split: the given ids, or a fraction chosen by a hash of
-    each id (stable when clips are added or removed), at least one clip when the fraction > 0."""
+def _stable_rank(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+def split(ids: list[str], groups: list[str], val_fraction: float, val_ids: list[str] = (),
+          val_groups: list[str] = ()) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation split that holds out whole groups (source videos), so no
+    segment of a validation source is trained on. `val_ids`, else `val_groups`, else about
+    `val_fraction` of the clips: groups in the order of a hash of their name, as many as bring the
+    count closest to the fraction, at least one, never all."""
     if val_ids:
         unknown = sorted(set(val_ids) - set(ids))
         if unknown:
             raise UserError(f"validation ids not in the features: {', '.join(unknown[:5])}")
         chosen = set(val_ids)
-    elif val_fraction > 0 and len(ids) > 1:
-        ranked = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
-        chosen = set(ranked[:max(1, round(len(ids) * val_fraction))])
+    elif val_groups:
+        unknown = sorted(set(val_groups) - set(groups))
+        if unknown:
+            raise UserError(f"validation groups not in the features: {', '.join(unknown[:5])}")
+        chosen = {i for i, g in zip(ids, groups) if g in set(val_groups)}
+    elif val_fraction > 0:
+        members: dict[str, list[str]] = {}
+        for clip_id, group in zip(ids, groups):
+            members.setdefault(group, []).append(clip_id)
+        if len(members) < 2:
+            log.warning("every clip comes from one source video: no source can be held out, so the run has no "
+                        "validation split (name clips with val_ids to validate on some of its segments)")
+            chosen = set()
+        else:
+            ranked = sorted(members, key=_stable_rank)
+            target, count, best = len(ids) * val_fraction, 0, None
+            for taken, group in enumerate(ranked[:-1], start=1):
+                count += len(members[group])
+                if best is None or abs(count - target) < best[0]:
+                    best = (abs(count - target), taken)
+            chosen = {i for group in ranked[:best[1]] for i in members[group]}
     else:
         chosen = set()
     train = [n for n, i in enumerate(ids) if i not in chosen]
@@ -193,3 +276,14 @@ def split(ids: list[str], val_fraction: float, val_ids: list[str]) -> tuple[list
     if not train:
         raise UserError("every clip is in the validation split; nothing left to train on")
     return train, val
+
+
+def feature_fingerprint(directory: str | Path) -> str:
+    """What a feature folder holds, in one digest: its clips, captions, groups and their encodings
+    (from the manifest; the clip list's text for folders made by another tool)."""
+    directory = Path(directory)
+    try:
+        rows = json.loads((directory / MANIFEST_NAME).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        rows = _feature_tsv(directory).read_text(encoding="utf-8")
+    return hashlib.sha1(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]

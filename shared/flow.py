@@ -5,8 +5,6 @@ min_sigma is 0 in every official setting, so the path is the straight line betwe
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from shared.network import MMAudio, Conditions
@@ -106,17 +104,19 @@ VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 @torch.no_grad()
-def validation_loss(network: MMAudio, batches, seq: SequenceConfig, seed: int = 1234) -> float:
-    """Loss with fixed noise and fixed times, no dropout: comparable from step to step."""
+def validation_losses(network: MMAudio, batches, seq: SequenceConfig, seed: int = 1234) -> torch.Tensor:
+    """Each clip's loss (N,) with noise and times fixed by `seed`, no dropout: comparable from step
+    to step, and between models on the same clips."""
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
+    per_clip = []
     for batch in batches:
         device = batch["a_mean"].device
         size = batch["a_mean"].shape[0]
         posterior_noise = torch.randn(batch["a_mean"].shape, generator=generator).to(device)
+        total = torch.zeros(size, dtype=torch.float64)
         for t_value in VALIDATION_TIMES:
             x0 = torch.randn(batch["a_mean"].shape, generator=generator).to(device)
             t = torch.full((size,), t_value, device=device)
-            total += masked_flow_loss(network, batch, seq, network.normalize, posterior_noise, x0, t).sum().item()
-            count += size
-    return total / count if count else math.nan
+            total += masked_flow_loss(network, batch, seq, network.normalize, posterior_noise, x0, t).double().cpu()
+        per_clip.append(total / len(VALIDATION_TIMES))
+    return torch.cat(per_clip) if per_clip else torch.zeros(0, dtype=torch.float64)

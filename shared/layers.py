@@ -97,16 +97,24 @@ class SelfAttention(nn.Module):
 
     def pre_attention(self, x: torch.Tensor, rot: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, tokens, _ = x.shape
-        # The official layout interleaves q, k, v innermost: index (head * d + i) * 3 + j.
-        qkv = self.qkv(x).view(batch, tokens, self.num_heads, -1, 3).permute(4, 0, 2, 1, 3)
-        q, k, v = qkv.unbind(0)
-        q = self.q_norm(q)
-        k = self.k_norm(k)
-        if rot is not None:
-            q = apply_rotary(q, rot)
-            k = apply_rotary(k, rot)
-        return q, k, v
+        return split_heads(self.qkv(x), self.num_heads, self.q_norm, self.k_norm, rot)
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module,
+                rot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3 D) projections → q, k, v of shape (B, H, N, d), each contiguous.
+
+    The official layout interleaves q, k, v innermost (index (head * d + i) * 3 + j), so a plain
+    view leaves v with a stride of 3 in its last dimension. The fused attention kernels (flash,
+    memory-efficient, cuDNN) need stride 1 there: with a strided v, SDPA falls back to the math
+    kernel (float32 upcast, the whole attention matrix kept for backward), and cuDNN training can
+    crash on it (MMAudio's own code makes them contiguous for that reason)."""
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.view(batch, tokens, num_heads, -1, 3).permute(4, 0, 2, 1, 3).unbind(0)
+    q, k = q_norm(q), k_norm(k)
+    if rot is not None:
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

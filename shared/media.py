@@ -41,8 +41,10 @@ class MediaError(UserError):
 
 @dataclass
 class Segment:
-    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) in [0, 1]
-    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) in [-1, 1]
+    """Frames stay uint8 until they reach the encoders' device (`clip_pixels`, `sync_pixels`): a
+    quarter of float32's size through the decoding workers' shared memory (58 MB per 8 s clip)."""
+    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) uint8
+    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) uint8
     audio: torch.Tensor  # (num_audio_samples,) mono at the mode's rate
     duration_sec: float  # real content, ≤ the window; the rest is padding
 
@@ -78,23 +80,30 @@ def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 
 def _resize_clip(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → float (N, 3, 384, 384) in [0, 1]; aspect ratio not kept.
-
-    Resized on uint8 exactly as the reference does, and 5x faster than resizing in float
-    (measured in bench/precompute.py)."""
-    return _resize_uint8(frames, CLIP_SIZE, CLIP_SIZE).float().div_(255.0)
+    """uint8 (N, 3, H, W) → uint8 (N, 3, 384, 384); aspect ratio not kept. Resized on uint8
+    exactly as the reference does, and 5x faster than resizing in float (bench/precompute.py)."""
+    return _resize_uint8(frames, CLIP_SIZE, CLIP_SIZE)
 
 
 def _resize_sync(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) → short side 224 (uint8, bicubic, antialiased), center crop 224 → float in [-1, 1]."""
+    """uint8 (N, 3, H, W) → short side 224 (bicubic, antialiased), center crop 224, uint8."""
     height, width = frames.shape[-2:]
     short, long = min(height, width), max(height, width)
     scaled_long = int(SYNC_SIZE * long / short)  # torchvision's rounding of the long side
     resized = _resize_uint8(frames, *((SYNC_SIZE, scaled_long) if height <= width else (scaled_long, SYNC_SIZE)))
     top = int(round((resized.shape[-2] - SYNC_SIZE) / 2.0))
     left = int(round((resized.shape[-1] - SYNC_SIZE) / 2.0))
-    cropped = resized[..., top:top + SYNC_SIZE, left:left + SYNC_SIZE].float().div_(255.0)
-    return cropped.sub_(0.5).div_(0.5)
+    return resized[..., top:top + SYNC_SIZE, left:left + SYNC_SIZE].contiguous()
+
+
+def clip_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded CLIP frames (uint8) → float in [0, 1], the CLIP encoder's input."""
+    return frames.float().div_(255.0)
+
+
+def sync_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded Synchformer frames (uint8) → float in [-1, 1], the Synchformer's input."""
+    return frames.float().div_(255.0).sub_(0.5).div_(0.5)
 
 
 def _pad_frames(frames: torch.Tensor, count: int) -> torch.Tensor:
@@ -238,8 +247,8 @@ def _resample_segment(track: np.ndarray, offset: int, count: int, rate: int, tar
 
 @dataclass
 class VideoFrames:
-    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) in [0, 1]
-    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) in [-1, 1]
+    clip_frames: torch.Tensor  # (clip_seq_len, 3, 384, 384) uint8
+    sync_frames: torch.Tensor  # (sync_frames, 3, 224, 224) uint8
     duration_sec: float  # the picture's real extent inside the window; later frames repeat the last
 
 

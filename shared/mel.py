@@ -36,28 +36,36 @@ _LOG_START_MEL = _LOG_START_HZ / _LINEAR_HZ_PER_MEL
 _LOG_STEP = math.log(6.4) / 27.0
 
 
-def _hz_to_mel(hz: float) -> float:
+def _hz_to_mel(hz: float, scale: str) -> float:
+    if scale == "htk":
+        return 2595.0 * math.log10(1.0 + hz / 700.0)
     if hz < _LOG_START_HZ:
         return hz / _LINEAR_HZ_PER_MEL
     return _LOG_START_MEL + math.log(hz / _LOG_START_HZ) / _LOG_STEP
 
 
-def _mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+def _mel_to_hz(mels: torch.Tensor, scale: str) -> torch.Tensor:
+    if scale == "htk":
+        return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
     linear = mels * _LINEAR_HZ_PER_MEL
     logarithmic = _LOG_START_HZ * torch.exp(_LOG_STEP * (mels - _LOG_START_MEL))
     return torch.where(mels >= _LOG_START_MEL, logarithmic, linear)
 
 
-def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
-    """(n_freqs, n_mels) triangular filters on the Slaney mel scale, each scaled to unit area
-    (Slaney normalisation): librosa's default filterbank, in float32."""
+def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int,
+                   scale: str = "slaney", area_normalized: bool = True) -> torch.Tensor:
+    """(n_freqs, n_mels) triangular filters evenly spaced on a mel scale, in float32. The default,
+    the Slaney scale with each filter scaled to unit area, is librosa's (MMAudio's mel); the HTK
+    scale without normalisation is torchaudio's default (Synchformer's audio input, for DeSync)."""
     bin_hz = torch.linspace(0, sample_rate // 2, n_freqs)
-    edges_hz = _mel_to_hz(torch.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
+    edges_hz = _mel_to_hz(torch.linspace(_hz_to_mel(f_min, scale), _hz_to_mel(f_max, scale), n_mels + 2), scale)
     edge_gaps = edges_hz[1:] - edges_hz[:-1]
     to_edge = edges_hz[None, :] - bin_hz[:, None]  # (n_freqs, n_mels + 2)
     rising = -to_edge[:, :-2] / edge_gaps[:-1]
     falling = to_edge[:, 2:] / edge_gaps[1:]
     triangles = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    if not area_normalized:
+        return triangles
     return triangles * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
 
 

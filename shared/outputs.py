@@ -1,9 +1,10 @@
 """Where we may write: a command replaces only what mmaudio-lora wrote.
 
-Every output folder carries a marker (the feature folder's manifest, the run's config, a
-generation folder's `.mmaudio-lora`), and a folder is used only when it is new, empty, or carries
-that marker. Anything else is refused in one line, before any work starts, and nothing of the
-user's is moved or deleted.
+Every folder we write carries a marker only we write, `.mmaudio-lora`, holding the kind of folder
+(features, run, generated, demo) and our version; a folder is used only when it is new, empty, or
+carries the marker of its kind. A common file name (`config.json`, `manifest.json`) never makes a
+folder ours. Anything else is refused in one line, before any work starts, and nothing of the
+user's is moved or deleted. One lock per folder keeps two commands from writing it at once.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Iterator
 
 from shared.errors import UserError
 
-
-GENERATED_MARKER = ".mmaudio-lora"
+MARKER = ".mmaudio-lora"
+KINDS = {"features": "feature folder", "run": "training run", "generated": "generated-audio folder",
+         "demo": "demo folder"}
 
 
 class OutputError(UserError):
@@ -29,12 +31,50 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_folder(folder: str | os.PathLike, marker: str, what: str,
-                        protected: tuple[Path, ...] = ()) -> Path:
-    """`folder` resolved, if it may receive our output: absent, empty, or carrying `marker`.
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """The kind of mmaudio-lora folder this is (a key of KINDS), from its marker; None otherwise."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _kind_before_markers(folder)
+    if isinstance(marker, dict) and marker.get("tool") == "mmaudio-lora" and marker.get("kind") in KINDS:
+        return marker["kind"]
+    return None
 
-    `protected` are the user's inputs (videos, lists): the folder may not hold any of them.
-    """
+
+def _kind_before_markers(folder: Path) -> str | None:
+    """Feature folders and runs written before the marker existed, by our own keys inside their
+    JSON (never by the file's name alone)."""
+    def read(name: str):
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    manifest = read("manifest.json")
+    if isinstance(manifest, dict) and manifest.get("tool") == "mmaudio-lora" and "format_version" in manifest:
+        return "features"
+    config = read("config.json")
+    if isinstance(config, dict) and {"features", "target_modules", "null_condition_probability"} <= config.keys():
+        return "run"
+    return None
+
+
+def mark_folder(folder: str | os.PathLike, kind: str) -> Path:
+    """Write the marker that makes `folder` a `kind` folder of ours."""
+    from shared import __version__
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MARKER, json.dumps({"tool": "mmaudio-lora", "kind": kind, "version": __version__}) + "\n")
+    return folder
+
+
+def check_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[Path, ...] = ()) -> Path:
+    """`folder` resolved, if it may receive our output of `kind`: absent, empty, or carrying that
+    kind's marker. `protected` are the user's inputs (videos, lists): the folder may not hold any."""
+    what = KINDS[kind]
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; give a folder for the {what}")
@@ -43,23 +83,57 @@ def check_output_folder(folder: str | os.PathLike, marker: str, what: str,
     for path in protected:
         if _inside(Path(path).resolve(), folder):
             raise OutputError(f"{folder}: holds your input {path}; give the {what} a folder of its own")
-    if folder.is_dir() and not (folder / marker).exists() and any(folder.iterdir()):
-        raise OutputError(f"{folder}: holds files mmaudio-lora did not write (no {marker}); "
-                          f"choose a new or empty folder for the {what}")
+    if folder.is_dir() and any(folder.iterdir()):
+        found = folder_kind(folder)
+        if found is None:
+            raise OutputError(f"{folder}: holds files mmaudio-lora did not write (no {MARKER} marker); "
+                              f"choose a new or empty folder for the {what}")
+        if found != kind:
+            raise OutputError(f"{folder}: is a {KINDS[found]} of mmaudio-lora, not a {what}; choose another folder")
     return folder
 
 
-def claim_generated_folder(folder: str | os.PathLike, protected: tuple[Path, ...] = ()) -> Path:
-    """Check a generation output folder and mark it as ours."""
-    folder = check_output_folder(folder, GENERATED_MARKER, "generated audio", protected)
+def claim_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[Path, ...] = ()) -> Path:
+    """Check an output folder (as `check_output_folder`), create it and mark it as ours."""
+    folder = check_output_folder(folder, kind, protected)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / GENERATED_MARKER
-        if not marker.exists():
-            atomic_write_text(marker, json.dumps({"tool": "mmaudio-lora", "kind": "generated"}) + "\n")
+        if folder_kind(folder) != kind or not (folder / MARKER).is_file():
+            mark_folder(folder, kind)
     except OSError as error:
         raise OutputError(f"cannot write to {folder}: {error.strerror or error}") from None
     return folder
+
+
+@contextmanager
+def folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `folder` while `command` writes it: a second command on the same
+    folder stops at once, naming the process that holds it (the OS releases the lock even if this
+    process is killed). In a torchrun job rank 0 holds it for every rank."""
+    import fcntl
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    path = folder.parent / f".{folder.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{folder}: another `{command}` run ({holder}) is writing this folder; "
+                            "wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: nothing of ours stays beside the output
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Path:

@@ -28,6 +28,8 @@ PROFILES = ("real", "tiny")
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_width": 16},
              "text_cfg": {"layers": 2, "width": 32, "heads": 2}}
 TINY_SYNCHFORMER = {"dim": 32, "depth": 2, "num_heads": 2}
+# DeSync's audio branch and sync head, at the width of the tiny Synchformer's video features
+TINY_SYNC_SCORER = {"dim": TINY_SYNCHFORMER["dim"], "ast_depth": 2, "ast_heads": 2, "head_depth": 1, "head_heads": 2}
 TINY_VAE_HIDDEN = 16
 TINY_NETWORK = {"hidden_dim": 64, "depth": 3, "fused_depth": 2, "num_heads": 2}
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from shared.device import check_precision
+from shared.device import check_device, check_precision
 from shared.errors import UserError
 from shared.profiles import check_profile
 from shared.sequence import AUDIO_MODES, DEFAULT_WINDOW_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
@@ -53,6 +53,7 @@ class Runtime:
     def __post_init__(self) -> None:
         check_profile(self.profile)
         check_precision(self.precision)
+        check_device(self.device)
         if self.mode is not None and self.mode not in AUDIO_MODES:
             raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.variant is not None:
@@ -164,6 +165,13 @@ class Runtime:
         from shared.synchformer import load_synchformer
 
         return self._load("synchformer", lambda: load_synchformer(self.profile, self.weights_dir, self.torch_device))
+
+    def sync_scorer(self):
+        """DeSync's model: Synchformer's audio branch and sync head, from the same weight file as
+        the Synchformer (its other entries)."""
+        from shared.desync import load_sync_scorer
+
+        return self._load("sync scorer", lambda: load_sync_scorer(self.profile, self.weights_dir, self.torch_device))
 
     def mel_converter(self):
         from shared.mel import build_mel_converter

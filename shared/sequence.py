@@ -25,7 +25,19 @@ SYNC_WINDOW_FRAMES = 16
 SYNC_WINDOW_STRIDE = 8
 SYNC_TOKENS_PER_WINDOW = 8
 TEXT_SEQ_LEN = 77
-DEFAULT_WINDOW_SEC = 8.0
+DEFAULT_WINDOW_SEC = 8.0  # the window the official networks were trained on, and the longest we train on
+# The shortest clip we keep: one Synchformer window (16 frames at 25 fps). Shorter segments (one cut
+# near a file's end) have no sync features at all, so `features` leaves them out.
+MIN_CLIP_SEC = SYNC_WINDOW_FRAMES / SYNC_FPS
+
+
+def check_window(window_sec: float, what: str = "--window") -> float:
+    """A feature window the network can train on: one Synchformer window up to the 8 s window."""
+    if not (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
+            and MIN_CLIP_SEC <= window_sec <= DEFAULT_WINDOW_SEC):
+        raise UserError(f"{what} must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
+                        f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {window_sec}")
+    return float(window_sec)
 
 
 def mode_of(variant: str) -> str:

@@ -107,8 +107,10 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(3, dim, kernel_size=size, stride=size)
 
 
-class SpatialAggregation(nn.TransformerEncoderLayer):
-    """One pre-norm encoder layer over each time step's patches; its CLS output is kept."""
+class ClsAggregation(nn.TransformerEncoderLayer):
+    """One pre-norm encoder layer over a set of tokens with a CLS token prepended; the CLS output
+    is kept. Synchformer aggregates each time step's patches with it (video: space, audio:
+    frequency)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__(d_model=dim, nhead=num_heads, dim_feedforward=int(dim * mlp_ratio), dropout=0.0,
@@ -133,7 +135,7 @@ class MotionFormer(nn.Module):
         self.blocks = nn.ModuleList([DividedSpaceTimeBlock(dim, config.num_heads, config.mlp_ratio)
                                      for _ in range(config.depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.spatial_attn_agg = SpatialAggregation(dim, config.num_heads, config.mlp_ratio)
+        self.spatial_attn_agg = ClsAggregation(dim, config.num_heads, config.mlp_ratio)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """(N, C, T, H, W) → (N, T / 2, D): one feature per temporal patch."""

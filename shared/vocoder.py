@@ -31,11 +31,15 @@ BIGVGAN_16K = {
     "activation": "snakebeta",
     "snake_logscale": True,
 }
-# Shapes of the official 44k vocoder, used by the tiny profile only (the real one reads config.json).
-BIGVGAN_44K_SHAPES = {
+# What the official 44k vocoder's config.json changes from the 16k generator (the real profile reads
+# the file itself; the tiny profile and the device check build from this): its shapes, and no
+# tanh or bias at the final layer.
+BIGVGAN_44K = {
     "num_mels": 128,
     "upsample_rates": [8, 4, 2, 2, 2, 2],
     "upsample_kernel_sizes": [16, 8, 4, 4, 4, 4],
+    "use_tanh_at_final": False,
+    "use_bias_at_final": False,
 }
 TINY_CHANNELS = {"upsample_initial_channel": 64, "resblock_kernel_sizes": [3],
                  "resblock_dilation_sizes": [[1, 3, 5]]}
@@ -76,7 +80,7 @@ def vocoder_hyperparameters(mode: str, profile: str = "real", config_file: str |
             if config_file is None:
                 raise ValueError("the 44k vocoder's hyper-parameters come from its config.json")
             return json.loads(Path(config_file).read_text())
-        base = dict(BIGVGAN_16K, **BIGVGAN_44K_SHAPES)
+        base = dict(BIGVGAN_16K, **BIGVGAN_44K)
     else:
         raise UserError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
     return base if profile == "real" else dict(base, **TINY_CHANNELS)

@@ -73,8 +73,6 @@ CLIP_WEIGHTS = WeightFile("open_clip_pytorch_model.bin", "CLIP ViT-H-14 (DFN5B)"
                           f"{HF_HUB}/{_DFN5B}/resolve/main/open_clip_pytorch_model.bin",
                           approx_bytes=int(986e6 * 4), hf_repo=_DFN5B)
 
-COMMANDS = ("features", "train", "generate")
-
 
 def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple[str, ...]]]:
     """Every file the real profile of a variant uses, with the commands that need it."""
@@ -84,14 +82,14 @@ def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
     mode = mode_of(variant)
     files = [
-        (NETWORK_WEIGHTS[variant], ("train", "generate")),
-        (VAE_WEIGHTS[mode], ("features", "generate")),
-        (SYNCHFORMER_WEIGHTS, ("features", "generate")),
+        (NETWORK_WEIGHTS[variant], ("train", "generate", "evaluate")),
+        (VAE_WEIGHTS[mode], ("features", "generate", "evaluate")),
+        (SYNCHFORMER_WEIGHTS, ("features", "generate", "evaluate")),  # evaluate: DeSync's audio branch
         (CLIP_WEIGHTS, ("features", "generate")),
-        (VOCODER_WEIGHTS[mode], ("generate",)),
+        (VOCODER_WEIGHTS[mode], ("generate", "evaluate")),
     ]
     if mode == "44k":
-        files.append((VOCODER_44K_CONFIG, ("generate",)))
+        files.append((VOCODER_44K_CONFIG, ("generate", "evaluate")))
     return files
 
 

@@ -116,15 +116,23 @@ def test_features_refuses_the_current_folder_in_one_line(small_set, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_second_features_run_on_the_same_folder_is_refused_while_one_holds_it(small_set, tmp_path):
-    from precompute.store import output_lock
+def test_a_second_run_on_the_same_folder_is_refused_while_one_holds_it(small_set, features, tmp_path):
+    from shared.outputs import folder_lock
+    from train.config import TrainConfig
+    from train.loop import train
 
     root, videos, tsv = small_set
     out = tmp_path / "features"
-    with output_lock(out.resolve()):
+    with folder_lock(out.resolve(), "features"):
         with pytest.raises(UserError, match=r"another `features` run \(pid \d+\)"):
             run_features(tiny_job(tsv, videos, out))
     assert not out.exists()
+    run = tmp_path / "run"
+    with folder_lock(run.resolve(), "train"):
+        with pytest.raises(UserError, match=r"another `train` run \(pid \d+\) is writing this folder"):
+            train(TrainConfig(features=[str(features)], run=str(run), profile="tiny", steps=1, batch_size=2,
+                              device="cpu"), show_progress=False)
+    assert not run.exists()
 
 
 def test_feature_folder_ids_are_checked_before_they_become_file_names(features, tmp_path):
@@ -143,7 +151,10 @@ def test_feature_folder_ids_are_checked_before_they_become_file_names(features, 
 
 def test_generate_and_export_refuse_paths_they_did_not_write(tmp_path):
     from generate.export import check_export_target
-    from shared.outputs import claim_generated_folder
+    from shared.outputs import claim_output_folder
+
+    def claim_generated_folder(folder):
+        return claim_output_folder(folder, "generated")
 
     foreign = tmp_path / "videos"
     foreign.mkdir()
@@ -247,12 +258,12 @@ def test_symlinks_leading_outside_are_named_and_can_be_allowed(tmp_path):
 
 # -- arguments and messages -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("duration", ["0", "-2", "nan"])
+@pytest.mark.parametrize("duration", ["0", "-2", "nan", "0.3"])
 def test_generate_rejects_a_bad_duration_before_loading_anything(duration, tmp_path):
     result = runner.invoke(app, ["generate", "--no-adapter", "--profile", "tiny", "--prompt", "rain",
                                  "--duration", duration, "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert "--duration must be a positive number" in result.output
+    assert "--duration must be at least 0.64 s" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -312,7 +323,7 @@ def test_a_file_that_kills_its_decoding_worker_is_skipped_and_the_rest_written(s
                                       allow_symlinks=True))
     assert summary.clips == 3 and len(summary.skipped) == 1
     assert "crash.mp4: the decoder crashed on this file" in summary.skipped[0]
-    assert (tmp_path / "features" / "clips.tsv").read_text().split()[2:] == ["a", "one", "b", "two"]
+    assert (tmp_path / "features" / "clips.tsv").read_text().split()[3:] == ["a", "one", "a.mp4", "b", "two", "b.mp4"]
 
 
 def _picture(path: Path, frame_times: list[float], *, rotation: int = 0, size=(64, 32)) -> Path:
@@ -352,11 +363,11 @@ def test_rotated_video_is_seen_upright_and_the_output_keeps_the_rotation(tmp_pat
     the stored picture is the bottom half of what a player shows, and of what the encoders get."""
     import av
 
-    from shared.media import load_video, write_video_with_audio
+    from shared.media import clip_pixels, load_video, sync_pixels, write_video_with_audio
 
     path = _picture(tmp_path / "phone.mp4", [i / 25 for i in range(50)], rotation=90)
     frames = load_video(path, 0.0, 2.0)
-    for picture in (frames.clip_frames[0], frames.sync_frames[0]):
+    for picture in (clip_pixels(frames.clip_frames[0]), sync_pixels(frames.sync_frames[0])):
         top, bottom = picture[:, : picture.shape[1] // 3].mean(), picture[:, -picture.shape[1] // 3:].mean()
         assert bottom > top + 0.5, (float(top), float(bottom))
     out = write_video_with_audio(path, tmp_path / "out.mp4", torch.zeros(16000), 16000)
@@ -376,3 +387,78 @@ def test_variable_frame_rate_output_keeps_the_source_timestamps(tmp_path):
         written = [frame.time for frame in container.decode(video=0)]
     assert len(written) == len(times)
     assert max(abs(a - b) for a, b in zip(written, times)) < 2e-3
+
+
+# -- round two: the demo, exports, generated files, the evaluation ------------------------------------
+
+def test_the_demo_writes_only_into_a_new_empty_or_demo_folder(tmp_path):
+    user_data = tmp_path / "data"
+    user_data.mkdir()
+    (user_data / "segmented_clips.tsv").write_text("video_path\tstart_time\tend_time\tcaption\nmine.mp4\t0\t3\tmine\n")
+    (user_data / "segmented_videos").mkdir()
+    def contents():
+        return {str(p): p.read_bytes() if p.is_file() else None for p in user_data.rglob("*")}
+
+    before = contents()
+    result = runner.invoke(app, ["demo", "--root", str(user_data), "--steps", "1"])
+    assert result.exit_code == 1 and "did not write (no .mmaudio-lora marker)" in result.output
+    assert contents() == before
+
+
+def test_export_checks_each_file_it_would_replace(trained_run, tmp_path):
+    from generate.export import check_export_target, export_checkpoint
+
+    out = tmp_path / "merged_16k.pth"
+    export_checkpoint(trained_run, out)
+    assert check_export_target(out) == (out, out.with_suffix(".safetensors"))  # our own pair: replaced
+    out.write_bytes(b"the user's own model")  # a .pth of the user's beside our .safetensors
+    with pytest.raises(OutputError, match="not the .pth exported with merged_16k.safetensors"):
+        check_export_target(out)
+    assert out.read_bytes() == b"the user's own model"
+
+
+def test_generated_files_are_finite_named_apart_and_never_read_back(trained_run, tmp_path):
+    from generate.model import resolve_source
+    from generate.run import GenerateJob, generate, prompt_name
+    from shared.synthesis import SamplingSettings
+
+    fast = SamplingSettings(steps=1)
+    # a diverged model writes nothing and says which clip
+    diverged = generate(GenerateJob(out=tmp_path / "nan", source=resolve_source(run=trained_run), prompt="rain",
+                                    duration=1.0, lora_scale=1e30, sampling=fast), show_progress=False)
+    assert diverged.written == [] and "not finite" in diverged.skipped[0]
+    assert not list((tmp_path / "nan").glob("*.wav"))
+    # prompts in any script, and the empty one, keep files of their own
+    names = {prompt_name(p) for p in ("雨の音", "дождь", "", "rain", "rain!")}
+    assert len(names) == 5 and all(n.isascii() for n in names)
+    # title folders whose segments share file names, and the output folder inside the input
+    videos = tmp_path / "videos"
+    for title in ("TitleA", "TitleB"):
+        write_clip(videos / title / "seg_001.mp4", ClipSpec(1.0, width=32, height=32, seed=len(title)))
+    for attempt in range(2):  # the second run must not read the first run's mp4s as inputs
+        summary = generate(GenerateJob(out=videos / "generated", source=resolve_source(run=trained_run),
+                                       videos=[videos], sampling=fast), show_progress=False)
+        assert sorted(p.name for p in summary.written) == ["TitleA__seg_001.mp4", "TitleA__seg_001.wav",
+                                                           "TitleB__seg_001.mp4", "TitleB__seg_001.wav"]
+    assert len(summary.replaced) == 4  # and the second run says it replaced the first's files
+
+
+def test_evaluate_checks_first_and_starts_its_report_afresh(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    blocked = tmp_path / "a-file"  # a place no file can go (root ignores permissions, not this)
+    blocked.write_text("")
+    result = runner.invoke(app, ["evaluate", "--run", str(run), "--out", str(blocked / "e.json")])
+    assert result.exit_code == 1 and "cannot write there" in result.output and "held-out" not in result.output
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "best")
+    result = runner.invoke(app, ["evaluate", "--run", str(run), "--checkpoints"])
+    assert result.exit_code == 1 and "keeps no checkpoint or best adapter" in result.output
+    stale = run / ".evaluation.tmp" / "audio" / "killed_run.wav"  # left by a run killed while writing its report
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
+    result = runner.invoke(app, ["evaluate", "--run", str(run), "--steps", "1", "--seeds", "1", "--id", "c2"])
+    assert result.exit_code == 0, result.output
+    assert not (run / "evaluation" / "audio" / "killed_run.wav").exists()

@@ -78,7 +78,7 @@ def test_short_clips_train_at_their_bucket_length(features, tmp_path):
     trainer = Trainer(config, tmp_path / "run", Ranks(), config.runtime())
     lengths = set()
     for position in range(trainer.batches_per_epoch * 3):
-        seq, batch = trainer.batch(position)
+        seq, batch, _ = trainer.batch(position)
         assert batch["a_mean"].shape[1] == seq.latent_seq_len and batch["clip_features"].shape[1] == seq.clip_seq_len
         assert (batch["duration_sec"] <= seq.window_sec + 1e-6).all()
         lengths.add(seq.window_sec)
@@ -113,10 +113,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(features):
 
 
 def test_early_stopping_keeps_the_best_adapter(features, tmp_path):
-    """A learning rate far too high makes validation worse after the first check: the run stops
-    after `patience` worse validations and its adapter is the best one."""
+    """A learning rate far too high makes validation on these two clips worse after the first
+    check: the run stops after `patience` worse validations and its adapter is the best one."""
     config = _config(features, tmp_path / "run", steps=40, lr=0.5, warmup_steps=1, val_every=2,
-                     early_stopping_patience=2, val_fraction=0.34)
+                     early_stopping_patience=2, val_ids=["c0", "c1"])
     result = train(config, show_progress=False)
     assert result.stopped_early and result.steps < 40 and result.best_step is not None
     assert result.steps == result.best_step + 2 * 2  # two validations, two steps apart

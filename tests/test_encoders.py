@@ -81,24 +81,28 @@ def test_sync_windows_follow_the_reference_segmentation(reference_dir):
     assert sync_windows(frame_index[:, :203]).shape[1] == 24  # a partial window at the end is dropped
 
 
-def test_synchformer_file_keeps_only_visual_keys(tmp_path):
-    tiny = build_synchformer("tiny")
-    for p in tiny.parameters():
-        torch.nn.init.normal_(p)
-    # The official file also holds the audio branch and the sync transformer.
-    full = dict(tiny.state_dict(), **{"afeat_extractor.proj.weight": torch.zeros(3),
-                                      "transformer.blocks.0.weight": torch.zeros(2)})
-    torch.save(full, tmp_path / "synchformer_state_dict.pth")
-    # The real architecture refuses tiny weights clearly; a tiny-sized module built the same way loads them.
+def test_one_synchformer_file_serves_the_visual_branch_and_desync(tmp_path):
+    """The official file holds the whole Synchformer: features read its visual branch, DeSync the
+    audio branch and sync head, each strictly, from the same file."""
     from shared.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match="does not fit Synchformer"):
-        load_synchformer("real", weights_dir=tmp_path)
+    from shared.desync import build_sync_scorer, scorer_state_dict
     from shared.profiles import load_profile_weights
     from shared.synchformer import visual_state_dict
     from shared.weights import SYNCHFORMER_WEIGHTS
+
+    tiny, scorer = build_synchformer("tiny"), build_sync_scorer("tiny")
+    for p in [*tiny.parameters(), *scorer.parameters()]:
+        torch.nn.init.normal_(p)
+    torch.save(dict(tiny.state_dict(), **scorer.state_dict()), tmp_path / "synchformer_state_dict.pth")
+    # The real architecture refuses tiny weights clearly; a tiny-sized module built the same way loads them.
+    with pytest.raises(CheckpointError, match="does not fit Synchformer"):
+        load_synchformer("real", weights_dir=tmp_path)
     loaded = load_profile_weights(build_synchformer("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path,
                                   "Synchformer", select=visual_state_dict)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny.state_dict().items())
+    loaded = load_profile_weights(build_sync_scorer("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path,
+                                  "DeSync", select=scorer_state_dict)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in scorer.state_dict().items())
 
 
 # -- vocoder ------------------------------------------------------------------------------------

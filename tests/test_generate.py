@@ -84,7 +84,7 @@ def test_features_give_the_video_s_audio_without_any_encoder(run, features, tmp_
 def test_prompt_alone_duration_and_lora_scale(run, features, tmp_path):
     text_only = generate(GenerateJob(out=tmp_path / "text", source=ModelSource(Runtime(variant="small_16k", profile="tiny")),
                                      prompt="rain on a tin roof", duration=2.5, sampling=FAST), show_progress=False)
-    assert [p.name for p in text_only.written] == ["rain_on_a_tin_roof.wav"]
+    assert [p.name for p in text_only.written] == ["rain_on_a_tin_roof_8b8cb6b1.wav"]
     audio, rate = read_audio(text_only.written[0])
     assert audio.shape[0] == 2.5 * rate and audio.std() > 1e-3
     wide = generate(GenerateJob(out=tmp_path / "44k", source=ModelSource(Runtime(variant="large_44k_v2", profile="tiny")),
@@ -180,7 +180,8 @@ def test_training_writes_audio_samples(run):
     for path in written:
         audio, rate = read_audio(path)
         assert np.isfinite(audio).all() and audio.std() > 1e-4
-        assert audio.shape[0] == FEATURE_CLIP_SECONDS[path.stem] * rate  # the clip's own duration
+        picture = round(FEATURE_CLIP_SECONDS[path.stem] * 25) / 25  # the synthetic clips' frames at 25 fps
+        assert audio.shape[0] == round(picture * rate)  # the clip's own duration
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0})
@@ -192,6 +193,11 @@ def test_training_writes_audio_samples(run):
 def test_demo_ends_with_generated_audio(tmp_path):
     from mmaudio_lora.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", steps=2)
+    result = run_demo(tmp_path / "demo", steps=2, seeds=1)
     assert [p.suffix for p in result.generated] == [".wav", ".mp4"]
     assert set(stream_types(result.generated[1])) == {"video", "audio"}
+    split = json.loads((result.run / "split.json").read_text())  # validation by source video
+    held = {split["group_of"][i] for i in split["val_ids"]}
+    assert held and not held & {split["group_of"][i] for i in split["train_ids"]}
+    assert set(result.evaluation.desync) == {"base", "tuned", "real"} and "DeSync" in result.evaluation.table()
+    assert result.evaluation.basis().startswith(f"{len(split['val_ids'])} held-out clip")

@@ -42,16 +42,16 @@ def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
     from shared.features import data_dim
     from shared.profiles import feature_dims
     from shared.features import FeatureSet
-    from shared.flow import validation_loss
+    from shared.flow import validation_losses
 
     seq = SequenceConfig("16k")
     clips = FeatureSet.load([str(features)], data_dim(seq, feature_dims("tiny")), 8.0)
     batches = [clips.batch(list(range(len(clips))))]
     network = base_network("tiny", None, "small_16k")[0]
-    before = validation_loss(network, batches, seq)
+    before = validation_losses(network, batches, seq).mean()
     assert all(torch.equal(network.state_dict()[k], v) for k, v in base.items())
     model = load_adapter(network, Path(config.run) / "adapter")
-    after = validation_loss(network, batches, seq)
+    after = validation_losses(network, batches, seq).mean()
     assert after < 0.7 * before, (before, after)
     merged_keys = {k for k in model.state_dict() if "lora_" in k}
     assert merged_keys and result.trainable_parameters == sum(
@@ -163,7 +163,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(features, tmp_path):
     assert single.exit_code == 0, single.output
     double = subprocess.run(command(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         "--nproc_per_node=2"]),
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+                            capture_output=True, text=True, cwd=REPO, timeout=900)
     assert double.returncode == 0, double.stderr[-3000:]
     assert double.stdout.count("trained 6 steps") == 1  # rank 0 reports
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")

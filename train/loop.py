@@ -8,6 +8,7 @@ stopping follow at their intervals. The run folder's layout: train/run_folder.py
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,10 +22,11 @@ import torch
 
 from shared.distributed import Ranks
 from shared.errors import UserError
-from shared.features import FeatureSet, split
-from shared.flow import validation_loss
+from shared.features import FeatureSet, feature_fingerprint, folders_window, split
+from shared.flow import validation_losses
 from shared.lora import add_lora, count_parameters, lora_config, save_adapter
-from shared.outputs import atomic_path, atomic_write_text, replace_folder
+from shared.outputs import atomic_path, atomic_write_text, folder_lock, replace_folder
+from shared.run_record import CONFIG_FILE, Split
 from shared.runtime import Runtime
 from shared.sequence import SequenceConfig
 from shared.synthesis import crop_video_features, use_duration
@@ -32,7 +34,7 @@ from train.buckets import Batch, bucket_lengths, epoch_plan
 from train.card import model_card
 from train.config import TrainConfig
 from train.objective import training_loss
-from train.run_folder import CONFIG_FILE, STATE_FILE, MetricsLog, newest_readable_checkpoint, prepare_run_folder
+from train.run_folder import STATE_FILE, MetricsLog, newest_readable_checkpoint, prepare_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class RunResult:
     best_step: int | None  # when the best validation loss was measured
     stopped_early: bool  # early stopping ended the run before `steps`
     seconds: float
+    validation: str = ""  # e.g. "validation: 8 clips from 2 source videos (none of their segments in training)"
     main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
 
@@ -70,8 +73,18 @@ def cut_to_length(batch: dict[str, torch.Tensor], seq: SequenceConfig) -> dict[s
                 clip_features=clip_features, sync_features=sync_features)
 
 
+def choose_split(features: FeatureSet, config: TrainConfig) -> Split:
+    """A new run's split, by source video, with the feature folders' fingerprints."""
+    train_index, val_index = split(features.ids, features.groups, config.val_fraction, config.val_ids,
+                                   config.val_groups)
+    return Split([features.ids[n] for n in train_index], [features.ids[n] for n in val_index],
+                 dict(zip(features.ids, features.groups)),
+                 {folder: feature_fingerprint(folder) for folder in config.features})
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, run: Path, ranks: Ranks, runtime: Runtime):
+    def __init__(self, config: TrainConfig, run: Path, ranks: Ranks, runtime: Runtime, split: Split | None = None):
+        """`split`: the run's recorded split when it is continued; a new run chooses one."""
         self.config, self.run, self.ranks, self.runtime = config, run, ranks, runtime
         self.device = runtime.torch_device
         self.main_process = ranks.is_main
@@ -80,11 +93,13 @@ class Trainer:
 
         self.network = runtime.network()
         config.variant = runtime.variant
-        self.window = runtime.sequence()
-        features = FeatureSet.load(config.features, runtime.data_dim(), self.window.window_sec)
-        train_index, val_index = split(features.ids, config.val_fraction, config.val_ids)
-        self.train_set = features.subset(train_index)
-        self.val_set = features.subset(val_index) if val_index else None
+        self.window = runtime.sequence(folders_window(config.features))
+        features = FeatureSet.load(config.features, runtime.data_dim(self.window.window_sec), self.window.window_sec)
+        self.split = split or choose_split(features, config)
+        if len(self.split.train_ids) < ranks.world_size:
+            raise UserError(f"{len(self.split.train_ids)} training clip(s) cannot feed {ranks.world_size} processes")
+        self.train_set = features.select(self.split.train_ids)
+        self.val_set = features.select(self.split.val_ids) if self.split.val_ids else None
         self.train_buckets = self._buckets(self.train_set)
         self.batches_per_epoch = len(epoch_plan(self.train_buckets, config.batch_size, config.seed, 0))
 
@@ -93,7 +108,7 @@ class Trainer:
         self.network.gradient_checkpointing = config.gradient_checkpointing
         self.model.to(self.device)
         self.forward = self.model
-        if ranks.world_size > 1:
+        if ranks.grouped:  # a process group is up (torchrun; the device check's group of one)
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(
@@ -120,16 +135,18 @@ class Trainer:
         durations = clips.tensors["duration_sec"].tolist()
         return bucket_lengths(durations, self.config.length_bucket_sec, self.window.window_sec)
 
-    def batch(self, position: int) -> tuple[SequenceConfig, dict[str, torch.Tensor]]:
-        """Batch number `position` of the run (this rank's rows), at its bucket's length."""
+    def batch(self, position: int) -> tuple[SequenceConfig, dict[str, torch.Tensor], int]:
+        """Batch number `position` of the run (this rank's rows), at its bucket's length, and the
+        size of the whole batch. Every rank gets as many rows: a batch of fewer clips than the
+        batch size (a small training set) is cut to a multiple of the ranks."""
         epoch, within = divmod(position, self.batches_per_epoch)
         if self._plan is None or self._plan[0] != epoch:
             self._plan = (epoch, epoch_plan(self.train_buckets, self.config.batch_size, self.config.seed, epoch))
         planned = self._plan[1][within]
+        indices = planned.indices[:len(planned.indices) - len(planned.indices) % self.ranks.world_size]
         seq = self.runtime.sequence(planned.seconds)
-        rows = self.ranks.shard(planned.indices)
-        tensors = cut_to_length(self.train_set.batch(rows), seq)
-        return seq, {k: v.to(self.device) for k, v in tensors.items()}
+        tensors = cut_to_length(self.train_set.batch(self.ranks.shard(indices)), seq)
+        return seq, {k: v.to(self.device) for k, v in tensors.items()}, len(indices)
 
     # -- one step --------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -137,11 +154,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         for micro in range(config.grad_accumulation):
-            seq, batch = self.batch(self.step * config.grad_accumulation + micro)
+            seq, batch, size = self.batch(self.step * config.grad_accumulation + micro)
             use_duration(self.network, seq)
             with self.runtime.autocast():
                 loss = training_loss(self.network, batch, seq, self.noise, config.null_condition_probability,
-                                     self.forward, (self.ranks.rank, self.ranks.world_size))
+                                     self.forward, (self.ranks.rank, self.ranks.world_size), size)
             (loss / config.grad_accumulation).backward()
             total_loss += loss.item() / config.grad_accumulation
         torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
@@ -156,7 +173,7 @@ class Trainer:
             return None
         self.model.eval()
         buckets = self._buckets(self.val_set)
-        losses = []  # (mean loss, clips) per length
+        losses = []  # per clip, bucket after bucket
         for length in sorted(set(buckets)):
             rows = [n for n, b in enumerate(buckets) if b == length]
             seq = self.runtime.sequence(length)
@@ -165,11 +182,9 @@ class Trainer:
                                                                      seq).items()}
                        for i in range(0, len(rows), self.config.batch_size))
             with self.runtime.autocast():
-                losses.append((validation_loss(self.network, batches, seq), len(rows)))
+                losses.append(validation_losses(self.network, batches, seq))
         self.model.train()
-        if len(losses) == 1:
-            return losses[0][0]
-        return sum(loss * count for loss, count in losses) / sum(count for _, count in losses)
+        return torch.cat(losses).mean().item()
 
     # -- what the run keeps ------------------------------------------------------------------------
     def record_validation(self, val_loss: float) -> None:
@@ -195,6 +210,8 @@ class Trainer:
         save_adapter(self.model, folder / "adapter", self.info, self.card())
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(), "step": self.step,
+                 # LoRA dropout on a GPU draws from the CUDA generator: without it resume is not exact
+                 **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
                  "best_val_loss": math.nan if self.best_val is None else self.best_val,
                  "best_step": -1 if self.best_step is None else self.best_step,
                  "stale_validations": self.stale_validations}
@@ -218,6 +235,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.noise.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = int(state["step"])
         best = state["best_val_loss"]
         self.best_val = None if best is None or math.isnan(best) else float(best)
@@ -291,23 +310,28 @@ class Trainer:
 
 def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
           overwrite: bool = False) -> RunResult:
-    """Run (or with `resume`, continue) the LoRA fine-tune `config` describes."""
-    config.validate()
+    """Run (or with `resume`, continue) the LoRA fine-tune `config` describes. Everything is
+    checked before the run folder is touched; the folder is locked while the run writes it."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run and --overwrite deletes it: give one of them")
+    config = config.validate().resolved()
     started = time.perf_counter()
     ranks = Ranks.from_environment(config.device)
-    run = prepare_run_folder(Path(config.run), config.features, resume, overwrite, ranks.is_main)
-    ranks.barrier()
-    run.mkdir(parents=True, exist_ok=True)
     if config.batch_size % ranks.world_size:
         raise UserError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
-    runtime = config.runtime()
-    if ranks.device is not None:
-        runtime = runtime.on(ranks.device)
-    trainer = Trainer(config, run, ranks, runtime)
-    if resume:
-        trainer.resume()
-    if ranks.is_main:
-        config.save(run / CONFIG_FILE)
-    trained, last_loss, stopped = trainer.fit(show_progress)
+    run = Path(config.run)
+    with folder_lock(run, "train"), contextlib.closing(ranks):
+        ranks.main_first(lambda: prepare_run_folder(config, resume, overwrite))
+        runtime = config.runtime()
+        if ranks.device is not None:
+            runtime = runtime.on(ranks.device)
+        trainer = Trainer(config, run, ranks, runtime, Split.load(run) if resume else None)
+        if resume:
+            trainer.resume()
+        if ranks.is_main:
+            config.save(run / CONFIG_FILE)
+            trainer.split.save(run)
+        trained, last_loss, stopped = trainer.fit(show_progress)
     return RunResult(run, trainer.step, trained, trainer.trainable, trainer.total, last_loss, trainer.best_val,
-                     trainer.best_step, stopped, time.perf_counter() - started, ranks.is_main)
+                     trainer.best_step, stopped, time.perf_counter() - started, trainer.split.describe_validation(),
+                     ranks.is_main)

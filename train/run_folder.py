@@ -1,7 +1,9 @@
-"""The run folder: what marks it as ours, its checkpoints (written atomically, read with a
+"""The run folder: when a command may use it, its checkpoints (written atomically, read with a
 fall-back past a damaged one) and its metrics log.
 
-    config.json            the resolved configuration (marks the folder as a run)
+    .mmaudio-lora          marks the folder as a run of ours
+    config.json            the resolved configuration, paths absolute (shared/run_record.py)
+    split.json             the run's clips: train_ids, val_ids, group_of, feature folders' fingerprints
     metrics.jsonl          one JSON object per logged step (step, train_loss, lr, val_loss)
     tensorboard/           the same curves for TensorBoard
     checkpoints/step-N/    adapter/ + trainer_state.pt (the last `keep_last`)
@@ -19,11 +21,12 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.outputs import check_output_folder
+from shared.outputs import check_output_folder, folder_kind, mark_folder
+from shared.run_record import CONFIG_FILE, Split
+from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "config.json"  # also what marks a folder as a run of ours
 
 
 def complete_checkpoints(run: Path) -> list[Path]:
@@ -64,17 +67,35 @@ def newest_readable_checkpoint(run: Path) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def prepare_run_folder(run: Path, features: list[str], resume: bool, overwrite: bool, is_main: bool) -> Path:
-    """The run folder, checked: new, empty, or a run of ours (continued only with --resume,
-    replaced whole only with --overwrite); anything else is refused before any work."""
-    run = check_output_folder(run, CONFIG_FILE, "training run", protected=tuple(Path(f) for f in features))
-    holds_run = (run / CONFIG_FILE).exists()
-    if holds_run and not resume and not overwrite:
+def prepare_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """The run folder, checked and marked: new, empty, or a run of ours, continued only with
+    --resume (and the same data and settings), replaced whole only with --overwrite. A run of ours
+    that never saved a checkpoint (it failed early) starts afresh. Anything else is refused
+    before any work."""
+    run = check_output_folder(config.run, "run", protected=tuple(Path(f) for f in config.features))
+    ours = folder_kind(run) == "run"
+    started = ours and (bool(complete_checkpoints(run)) or (run / "adapter").is_dir())
+    if ours and resume:
+        check_resumable(run, config)
+    elif started and not overwrite:
         raise UserError(f"{run}: already holds a training run; pass --resume to continue it "
                         "or --overwrite to replace it")
-    if holds_run and overwrite and not resume and is_main:
+    elif ours:
         shutil.rmtree(run)
-    return run
+    return mark_folder(run, "run")
+
+
+def check_resumable(run: Path, config: TrainConfig) -> None:
+    """Refuse to continue a run with other data or settings than it recorded, naming each difference."""
+    if not (run / CONFIG_FILE).is_file():
+        return  # stopped before it recorded anything: nothing to mix, it starts at step 0
+    changes = config.changes_from(TrainConfig.from_recorded(run).resolved())
+    split = Split.load(run)
+    if split is not None:
+        changes += split.changes()
+    if changes:
+        raise UserError(f"{run}: --resume would mix two runs: {'; '.join(changes)}. Continue with the recorded "
+                        "settings, or start a new --run (or --overwrite this one)")
 
 
 class MetricsLog:
