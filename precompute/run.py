@@ -191,6 +191,12 @@ class PreviousOutput:
         # rows end with (media key, text key), whatever columns come before them
         return cls(rows, {e[-2]: i for i, e in enumerate(entries)}, {e[-1]: i for i, e in enumerate(entries)})
 
+    def duration(self, item: Item, cache: WorkCache) -> float:
+        """One clip's real duration, without reading its features."""
+        if item.media_key in self.media_row:
+            return float(self.rows["duration_sec"][self.media_row[item.media_key]])
+        return float(cache.get("media", item.media_key, ("duration_sec",))["duration_sec"])
+
     def features(self, item: Item, cache: WorkCache) -> dict:
         """One clip's tensors: from this output where its fingerprints match, else from the work folder."""
         if item.media_key in self.media_row:
@@ -240,7 +246,7 @@ def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previou
     for item in items:
         reason = None if item.media_key in previous.media_row else cache.skip_reason(item.media_key)
         if reason is None:
-            seconds = float(previous.features(item, cache)["duration_sec"])
+            seconds = previous.duration(item, cache)
             if seconds < MIN_CLIP_SEC - 1e-6:
                 reason = (f"only {seconds:.2f} s of picture and sound, shorter than the {MIN_CLIP_SEC:g} s minimum "
                           "(one Synchformer window)")

@@ -76,10 +76,12 @@ class WorkCache:
         with atomic_path(self._path(kind, key)) as temporary:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
 
-    def get(self, kind: str, key: str) -> dict:
-        from safetensors.torch import load_file
+    def get(self, kind: str, key: str, names: tuple[str, ...] | None = None) -> dict:
+        """A clip's tensors (only `names`, when given: the file is read lazily)."""
+        from safetensors import safe_open
 
-        return load_file(str(self._path(kind, key)))
+        with safe_open(str(self._path(kind, key)), "pt") as handle:
+            return {name: handle.get_tensor(name) for name in (names or handle.keys())}
 
     def put_skip(self, key: str, reason: str) -> None:
         atomic_write_text(self.root / "skip" / f"{key}.txt", reason)
