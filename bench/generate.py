@@ -22,7 +22,7 @@ import torch
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from shared.lora import add_lora, lora_config
-from shared.network import build_network
+from shared.models.network import build_network
 from shared.profiles import fill_deterministically, network_config
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_latents

@@ -139,14 +139,14 @@ def is_filter(key: str) -> bool:
 # -- the modules, at real or tiny size ------------------------------------------------------------------
 
 def network(check: Check):
-    from shared.network import build_network
+    from shared.models.network import build_network
     from shared.profiles import network_config
 
     return filled(build_network(None, **asdict(network_config(VARIANT, check.profile))), check.fill)
 
 
 def vocoder_hyperparameters(check: Check) -> dict:
-    from shared.vocoder import BIGVGAN_16K, BIGVGAN_44K, vocoder_hyperparameters as tiny
+    from shared.models.vocoder import BIGVGAN_16K, BIGVGAN_44K, vocoder_hyperparameters as tiny
 
     if check.smoke:
         return tiny("44k", "tiny")
@@ -157,7 +157,7 @@ def vocoder_hyperparameters(check: Check) -> dict:
 
 def vocoder_generator(check: Check):
     """The generator in weight-norm form, as its file stores it."""
-    from shared.vocoder import bigvgan_generator
+    from shared.models.vocoder import bigvgan_generator
 
     return filled(bigvgan_generator(vocoder_hyperparameters(check)), check.fill, keep=is_filter)
 
@@ -165,11 +165,11 @@ def vocoder_generator(check: Check):
 # -- sections --------------------------------------------------------------------------------------------
 
 def precision(check: Check) -> None:
-    from shared.clip import build_clip
-    from shared.sequence import SequenceConfig
-    from shared.synchformer import build_synchformer, encode_sync_frames
-    from shared.vae import build_vae
-    from shared.vocoder import build_vocoder
+    from shared.models.clip import build_clip
+    from shared.models.sequence import SequenceConfig
+    from shared.models.synchformer import build_synchformer, encode_sync_frames
+    from shared.models.vae import build_vae
+    from shared.models.vocoder import build_vocoder
 
     device, generator = check.device, torch.Generator().manual_seed(0)
     kept = "(runs in fp32)"
@@ -216,10 +216,10 @@ def precision(check: Check) -> None:
 
 def weights(check: Check) -> None:
     """Official-layout files under the official names, as `mmaudio-lora download` leaves them."""
-    from shared.clip import build_clip
-    from shared.network import build_network
-    from shared.synchformer import build_synchformer
-    from shared.vae import build_vae
+    from shared.models.clip import build_clip
+    from shared.models.network import build_network
+    from shared.models.synchformer import build_synchformer
+    from shared.models.vae import build_vae
     from shared.weights import CLIP_WEIGHTS, NETWORK_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, VOCODER_WEIGHTS
 
     if check.smoke:
@@ -312,9 +312,9 @@ def _training_step(check: Check, state: dict, lora: bool, checkpointing: bool, s
     from torch.utils.flop_counter import FlopCounterMode
 
     from shared.lora import add_lora, lora_config
-    from shared.network import build_network
+    from shared.models.network import build_network
     from shared.profiles import network_config
-    from shared.sequence import SequenceConfig
+    from shared.models.sequence import SequenceConfig
     from train.config import DEFAULT_TARGETS
     from train.objective import training_loss
 

@@ -21,11 +21,11 @@ import torch
 # This file is named like the package it measures: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import shared.layers
+import shared.models.layers
 from shared.device import mixed_precision, resolve_device
-from shared.network import build_network
+from shared.models.network import build_network
 from shared.profiles import fill_deterministically, network_config
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 from train.config import DEFAULT_TARGETS
 from shared.features import FeatureSet
 from shared.lora import add_lora, count_parameters, lora_config
@@ -96,18 +96,18 @@ def bucket_throughput(variant: str, batch_size: int, steps: int, device) -> dict
 def strided_v():
     """The attention inputs as they were before q, k, v were made contiguous: v a view with a
     stride of 3 in its last dimension (what SDPA's fused kernels refuse)."""
-    contiguous = shared.layers.split_heads
+    contiguous = shared.models.layers.split_heads
 
     def split_heads(qkv, num_heads, q_norm, k_norm, rot):
         q, k, _ = contiguous(qkv, num_heads, q_norm, k_norm, rot)
         batch, tokens, _ = qkv.shape
         return q, k, qkv.view(batch, tokens, num_heads, -1, 3).permute(4, 0, 2, 1, 3)[2]
 
-    shared.layers.split_heads = split_heads
+    shared.models.layers.split_heads = split_heads
     try:
         yield
     finally:
-        shared.layers.split_heads = contiguous
+        shared.models.layers.split_heads = contiguous
 
 
 def attention_layout(variant: str, batch_size: int, steps: int, device) -> tuple[float, float]:

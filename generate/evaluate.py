@@ -7,7 +7,7 @@ Three numbers per clip and model, all lower-is-better, on the same clips, noise 
 - log-mel L1: generate the clip (Euler, CFG, its own duration) from its stored conditions, then
   the mean absolute difference from the real log-mel over the clip's real frames; both
   spectrograms come out of the same VAE decoder, so the distance measures the generated audio;
-- DeSync (shared/desync.py): how far the generated audio is out of step with the clip's video,
+- DeSync (shared/models/desync.py): how far the generated audio is out of step with the clip's video,
   in seconds, for clips of 4.8 s or more; the real audio's (through the VAE decoder and vocoder,
   as the models' audio is made) is the floor.
 Each clip is generated with several seeds per model. What the numbers say (intervals, verdict,
@@ -34,10 +34,10 @@ from generate.verdict import METRICS, MODELS, Evaluation, bootstrap_interval
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
 from shared.features import FeatureSet, feature_labels, folders_window, split
-from shared.flow import validation_losses
+from shared.models.flow import validation_losses
 from shared.lora import merge_adapter
 from shared.outputs import OutputError, atomic_write_text
-from shared.resample import resample
+from shared.models.resample import resample
 from shared.run_record import RunRecordError, Split, read_run_config
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips
@@ -113,7 +113,7 @@ def clip_desync(scorer, sync_features: torch.Tensor, audio: torch.Tensor, rate: 
                 runtime: Runtime) -> float:
     """DeSync of one clip's audio against its stored video features, both cut to its real length.
     In float32, as av-benchmark scores it: a bf16 argmax could pick another offset class."""
-    from shared.desync import SAMPLE_RATE
+    from shared.models.desync import SAMPLE_RATE
 
     seq = runtime.sequence(seconds)
     wave = resample(audio[:round(seconds * rate)].float().cpu(), rate, SAMPLE_RATE)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from shared.errors import UserError
 from shared.lora import AdapterError, adapter_info, merge_adapter
-from shared.network import MMAudio
+from shared.models.network import MMAudio
 from shared.run_record import CONFIG_FILE, read_run_config
 from shared.runtime import Runtime
 

@@ -23,7 +23,7 @@ from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
 from shared.outputs import claim_output_folder, folder_kind
 from shared.runtime import Runtime
-from shared.sequence import DEFAULT_WINDOW_SEC, MIN_CLIP_SEC
+from shared.models.sequence import DEFAULT_WINDOW_SEC, MIN_CLIP_SEC
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
                               use_duration)
 
@@ -173,7 +173,7 @@ class VideoEncoders:
     @torch.no_grad()
     def video(self, clip_frames: torch.Tensor, sync_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from shared.media import clip_pixels, sync_pixels
-        from shared.synchformer import encode_sync_frames
+        from shared.models.synchformer import encode_sync_frames
 
         device = self.runtime.torch_device
         with self.runtime.autocast():

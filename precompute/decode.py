@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from shared.clip_list import ClipEntry
 from shared.media import CLIP_SIZE, SYNC_SIZE, MediaError, Segment, load_segment
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ class FeatureEncoder:
         """Video and audio features of a batch of decoded segments (float32, on the CPU)."""
         clip_model, synchformer = self.runtime.clip(), self.runtime.synchformer()
         mel_converter, vae = self.runtime.mel_converter(), self.runtime.vae()
-        from shared.synchformer import encode_sync_frames
+        from shared.models.synchformer import encode_sync_frames
 
         clip_frames = torch.stack([s.clip_frames for s in segments])  # (B, 64, 3, 384, 384) uint8
         with self._timed("clip frames"), self.runtime.autocast():

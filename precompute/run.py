@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.clip_list import ClipEntry, read_clip_list, split_into_windows
 from shared.errors import UserError
-from shared.sequence import MIN_CLIP_SEC, check_window
+from shared.models.sequence import MIN_CLIP_SEC, check_window
 from precompute.store import (
     FORMAT_VERSION,
     MEDIA_KEYS,

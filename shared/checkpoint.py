@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.network import VARIANTS, MMAudio, build_network
+from shared.models.network import VARIANTS, MMAudio, build_network
 
 # Older official files also hold these non-persistent tables; they are rebuilt from lengths.
 LEGACY_KEYS = ("t_embed.freqs", "latent_rot", "clip_rot")

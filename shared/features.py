@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from shared.errors import UserError, is_plain_file_name
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, TSV_NAME
-from shared.sequence import MIN_CLIP_SEC
+from shared.models.sequence import MIN_CLIP_SEC
 
 log = logging.getLogger(__name__)
 _told_without_groups: set[str] = set()  # folders already named in this process (said once)
@@ -134,7 +134,7 @@ def _memmap_shape(directory: str | Path, key: str) -> list[int]:
 
 def feature_mode(directory: str | Path) -> str:
     """The audio mode a feature folder was computed for, from its latents' width (the VAE's)."""
-    from shared.sequence import LATENT_DIMS
+    from shared.models.sequence import LATENT_DIMS
 
     latent_dim = _memmap_shape(directory, "mean")[-1]
     modes = [mode for mode, width in LATENT_DIMS.items() if width == latent_dim]
@@ -146,7 +146,7 @@ def feature_mode(directory: str | Path) -> str:
 
 def feature_window(directory: str | Path) -> float:
     """The window (seconds) a feature folder was computed for, from its CLIP frames (8 per second)."""
-    from shared.sequence import CLIP_FPS
+    from shared.models.sequence import CLIP_FPS
 
     return _memmap_shape(directory, "clip_features")[1] / CLIP_FPS
 
@@ -210,7 +210,7 @@ class FeatureSet:
     @property
     def window_sec(self) -> float:
         """The window the features were made for (CLIP frames are taken at 8 per second)."""
-        from shared.sequence import CLIP_FPS
+        from shared.models.sequence import CLIP_FPS
 
         return self.tensors["clip_features"].shape[1] / CLIP_FPS
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shared.errors import UserError
-from shared.network import MMAudio
+from shared.models.network import MMAudio
 from shared.outputs import replace_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -30,16 +30,16 @@ def base_network(profile: str, checkpoint: str | None, variant: str | None,
     """The network to adapt and its variant: an official file (`real`: `checkpoint`, whose shapes
     give the variant when none is named, else the variant's file in the weights folder), or the
     deterministic tiny network of the variant's layout."""
-    from shared.network import build_network
+    from shared.models.network import build_network
     from shared.profiles import check_profile, fill_deterministically, network_config
-    from shared.sequence import DEFAULT_VARIANT
+    from shared.models.sequence import DEFAULT_VARIANT
 
     if check_profile(profile) == "real":
         if checkpoint is None:
             from shared.weights import NETWORK_WEIGHTS, require
             checkpoint = require(NETWORK_WEIGHTS[variant or DEFAULT_VARIANT], weights_dir)
         from shared.checkpoint import load_network
-        from shared.network import VARIANTS
+        from shared.models.network import VARIANTS
         network = load_network(checkpoint, variant)
         return network, next(name for name, official in VARIANTS.items() if official == network.config)
     variant = variant or DEFAULT_VARIANT

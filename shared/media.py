@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from shared.errors import UserError
 from shared.outputs import atomic_path
-from shared.resample import resample
-from shared.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
+from shared.models.resample import resample
+from shared.models.sequence import CLIP_FPS, SYNC_FPS, SequenceConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch loads where weights are made: the runtime checks a pr
     import torch
     from torch import nn
 
-    from shared.network import NetworkConfig
+    from shared.models.network import NetworkConfig
 
 PROFILES = ("real", "tiny")
 
@@ -57,7 +57,7 @@ def feature_dims(profile: str = "real") -> FeatureDims:
 
 def network_config(variant: str, profile: str = "real") -> NetworkConfig:
     """An official variant, or for `tiny` a small network with the variant's latent layout."""
-    from shared.network import VARIANTS
+    from shared.models.network import VARIANTS
 
     if variant not in VARIANTS:
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from shared.device import check_device, check_precision
 from shared.errors import UserError
 from shared.profiles import check_profile
-from shared.sequence import AUDIO_MODES, DEFAULT_WINDOW_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
+from shared.models.sequence import AUDIO_MODES, DEFAULT_WINDOW_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
 
 if TYPE_CHECKING:
     import torch
@@ -157,30 +157,30 @@ class Runtime:
         return self._load("network", load)
 
     def clip(self):
-        from shared.clip import load_clip
+        from shared.models.clip import load_clip
 
         return self._load("clip", lambda: load_clip(self.profile, self.weights_dir, self.torch_device))
 
     def synchformer(self):
-        from shared.synchformer import load_synchformer
+        from shared.models.synchformer import load_synchformer
 
         return self._load("synchformer", lambda: load_synchformer(self.profile, self.weights_dir, self.torch_device))
 
     def sync_scorer(self):
         """DeSync's model: Synchformer's audio branch and sync head, from the same weight file as
         the Synchformer (its other entries)."""
-        from shared.desync import load_sync_scorer
+        from shared.models.desync import load_sync_scorer
 
         return self._load("sync scorer", lambda: load_sync_scorer(self.profile, self.weights_dir, self.torch_device))
 
     def mel_converter(self):
-        from shared.mel import build_mel_converter
+        from shared.models.mel import build_mel_converter
 
         return self._load("mel", lambda: build_mel_converter(self.audio_mode).to(self.torch_device))
 
     def vae(self):
         """The whole VAE (encoder and decoder): audio → latents."""
-        from shared.vae import load_vae
+        from shared.models.vae import load_vae
 
         return self._load("vae", lambda: load_vae(self.audio_mode, self.profile, self.weights_dir, self.torch_device))
 
@@ -190,7 +190,7 @@ class Runtime:
             return self._models["vae"]
 
         def load():
-            from shared.vae import load_vae
+            from shared.models.vae import load_vae
 
             vae = load_vae(self.audio_mode, self.profile, self.weights_dir, self.torch_device)
             del vae.encoder
@@ -198,7 +198,7 @@ class Runtime:
         return self._load("vae decoder", load)
 
     def vocoder(self):
-        from shared.vocoder import load_vocoder
+        from shared.models.vocoder import load_vocoder
 
         return self._load("vocoder", lambda: load_vocoder(self.audio_mode, self.profile, self.weights_dir,
                                                           self.torch_device))

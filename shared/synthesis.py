@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from shared.errors import UserError
-from shared.flow import euler_sample
-from shared.network import MMAudio
+from shared.models.flow import euler_sample
+from shared.models.network import MMAudio
 from shared.runtime import Runtime
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 
 
 @dataclass(frozen=True)

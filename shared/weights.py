@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.sequence import DEFAULT_VARIANT, mode_of
+from shared.models.sequence import DEFAULT_VARIANT, mode_of
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ CLIP_WEIGHTS = WeightFile("open_clip_pytorch_model.bin", "CLIP ViT-H-14 (DFN5B)"
 
 def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple[str, ...]]]:
     """Every file the real profile of a variant uses, with the commands that need it."""
-    from shared.network import VARIANTS
+    from shared.models.network import VARIANTS
 
     if variant not in VARIANTS:
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")

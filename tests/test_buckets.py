@@ -89,7 +89,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(features):
     from shared.lora import add_lora, base_network, lora_config
     from shared.features import FeatureSet, data_dim
     from shared.profiles import feature_dims
-    from shared.sequence import SequenceConfig
+    from shared.models.sequence import SequenceConfig
     from train.config import DEFAULT_TARGETS
     from train.objective import training_loss
 

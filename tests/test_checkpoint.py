@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.checkpoint import CheckpointError, infer_variant, load_network, save_state_dict
-from shared.network import VARIANTS, build_network
+from shared.models.network import VARIANTS, build_network
 
 
 @pytest.fixture(scope="module")

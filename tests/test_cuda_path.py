@@ -12,7 +12,7 @@ from shared.lora import base_network
 def test_every_tensor_reaching_attention_has_a_unit_last_stride(monkeypatch):
     """The fused kernels (flash, memory-efficient, cuDNN) need stride 1 in the last dimension;
     anything else falls back to the math kernel (and can crash cuDNN training)."""
-    import shared.layers
+    import shared.models.layers
 
     seen = []
     real = F.scaled_dot_product_attention
@@ -21,7 +21,7 @@ def test_every_tensor_reaching_attention_has_a_unit_last_stride(monkeypatch):
         seen.extend(t.stride(-1) for t in (q, k, v))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(shared.layers.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(shared.models.layers.F, "scaled_dot_product_attention", recording)
     for variant in ("small_16k", "large_44k_v2"):  # joint and fused blocks, v1 and v2
         network = base_network("tiny", None, variant)[0]
         c = network.config

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import relative_error
-from shared.desync import PREFIXES, build_sync_scorer, desync_of_logits, offset_grid
+from shared.models.desync import PREFIXES, build_sync_scorer, desync_of_logits, offset_grid
 
 # Measured spread inside the reference itself (fused against plain encoder layers): 4e-7; ours
 # against the goldens: ≤ 7.2e-7. A 0.1 % weight perturbation moves the logits by > 1e-3.

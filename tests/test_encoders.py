@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import relative_error
-from shared.mel import build_mel_converter
-from shared.synchformer import build_synchformer, load_synchformer, sync_windows
-from shared.vae import build_vae, mp_normalize
-from shared.vocoder import build_vocoder, load_vocoder
+from shared.models.mel import build_mel_converter
+from shared.models.synchformer import build_synchformer, load_synchformer, sync_windows
+from shared.models.vae import build_vae, mp_normalize
+from shared.models.vocoder import build_vocoder, load_vocoder
 
 # The reference README's bound. Measured float32 spread against the goldens: mel 1.8e-5, VAE 2.2e-6,
 # Synchformer 6.3e-7, CLIP 0 (5x or more below the bound); the vocoder runs in float64 (below).
@@ -85,9 +85,9 @@ def test_one_synchformer_file_serves_the_visual_branch_and_desync(tmp_path):
     """The official file holds the whole Synchformer: features read its visual branch, DeSync the
     audio branch and sync head, each strictly, from the same file."""
     from shared.checkpoint import CheckpointError
-    from shared.desync import build_sync_scorer, scorer_state_dict
+    from shared.models.desync import build_sync_scorer, scorer_state_dict
     from shared.profiles import load_profile_weights
-    from shared.synchformer import visual_state_dict
+    from shared.models.synchformer import visual_state_dict
     from shared.weights import SYNCHFORMER_WEIGHTS
 
     tiny, scorer = build_synchformer("tiny"), build_sync_scorer("tiny")
@@ -153,7 +153,7 @@ def test_vocoder_parity_all_filled(vocoder_checkpoint_form, reference_dir):
 
 
 def test_vocoder_accepts_both_weight_norm_namings(vocoder_checkpoint_form, tmp_path):
-    from shared.vocoder import legacy_weight_norm_names
+    from shared.models.vocoder import legacy_weight_norm_names
 
     legacy = legacy_weight_norm_names(vocoder_checkpoint_form)
     assert len(legacy) == 784 and any(k.endswith(".weight_g") for k in legacy)
@@ -184,7 +184,7 @@ def test_vocoder_bad_files(tmp_path):
 # -- CLIP -----------------------------------------------------------------------------------------
 
 def test_clip_parity_real_architecture(reference_dir, fill_state_dict):
-    from shared.clip import build_clip
+    from shared.models.clip import build_clip
 
     golden = load_file(reference_dir / "clip.safetensors")
     recipe = json.loads((reference_dir / "clip.json").read_text())

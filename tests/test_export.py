@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from mmaudio_lora.cli import app
 from shared.lora import base_network, load_adapter
-from shared.network import build_network
+from shared.models.network import build_network
 
 
 def test_export_round_trip(trained_run, tmp_path):
@@ -53,7 +53,7 @@ def test_half_precision_exports_keep_the_layout_and_differ_by_rounding_only(trai
     statistics kept in float32; a clip generated from each differs from fp32 by rounding only."""
     from shared.checkpoint import load_strict
     from shared.runtime import Runtime
-    from shared.sequence import SequenceConfig
+    from shared.models.sequence import SequenceConfig
     from shared.synthesis import SamplingSettings, sample_latents
 
     latents, sizes = {}, {}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from shared.flow import (
+from shared.models.flow import (
     euler_sample,
     flow_loss,
     interpolate,
@@ -10,7 +10,7 @@ from shared.flow import (
     target_velocity,
     valid_frame_mask,
 )
-from shared.network import build_network
+from shared.models.network import build_network
 
 
 def test_path_and_target():

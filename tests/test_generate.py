@@ -58,7 +58,7 @@ def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):
 def test_features_give_the_video_s_audio_without_any_encoder(run, features, tmp_path):
     """A 3.5 s clip from its stored features (encoders never imported) equals the same clip
     decoded and encoded from its video with its caption as prompt."""
-    with imports_refused("open_clip", "shared.clip", "shared.synchformer", "shared.mel") as refused:
+    with imports_refused("open_clip", "shared.models.clip", "shared.models.synchformer", "shared.models.mel") as refused:
         from generate.model import resolve_source as resolve_anew
         from generate.run import GenerateJob as JobAnew, generate as generate_anew
         from shared.synthesis import SamplingSettings as SamplingAnew

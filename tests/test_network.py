@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import relative_error
-from shared.flow import euler_sample
-from shared.network import VARIANTS, build_network
+from shared.models.flow import euler_sample
+from shared.models.network import VARIANTS, build_network
 
 # The reference README's bound. Measured float32 spread (our float32 run against the float32
 # golden, which another machine computed): 2.8e-7 to 1.3e-6 on every tiny and real-size output,
@@ -106,7 +106,7 @@ def test_unknown_variant():
 
 
 def test_rotary_is_computed_in_float32_under_autocast():
-    from shared.layers import apply_rotary, rotary_table
+    from shared.models.layers import apply_rotary, rotary_table
 
     x = torch.randn(1, 2, 250, 32)
     table = rotary_table(250, 32)

@@ -26,7 +26,7 @@ def _no_dtype_fallbacks(caught: list) -> None:
 def test_network_bf16_is_close_to_float32_and_stays_on_fused_kernels(reference_dir, fill_state_dict):
     import json
 
-    from shared.network import build_network
+    from shared.models.network import build_network
 
     golden = load_file(reference_dir / "mmaudio_tiny_v2.safetensors")
     hyperparameters = dict(json.loads((reference_dir / "mmaudio_goldens.json").read_text())["tiny_v2"])
@@ -47,8 +47,8 @@ def test_network_bf16_is_close_to_float32_and_stays_on_fused_kernels(reference_d
 
 
 def test_encoders_bf16_are_close_to_float32():
-    from shared.clip import load_clip
-    from shared.synchformer import encode_sync_frames, load_synchformer
+    from shared.models.clip import load_clip
+    from shared.models.synchformer import encode_sync_frames, load_synchformer
 
     generator = torch.Generator().manual_seed(0)
     frames = torch.rand(8, 3, 384, 384, generator=generator)

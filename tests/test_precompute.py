@@ -19,7 +19,7 @@ from precompute.demo_clips import ClipSpec, write_clip
 from shared.features import FeatureFormatError, data_dim, open_feature_dir
 from shared.profiles import feature_dims
 from shared.runtime import Runtime
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ["video_path", "start_time", "end_time", "caption", "original_video", "title_folder",
@@ -320,7 +320,7 @@ def test_segment_preprocessing_matches_the_reference_reader(clip_id, reference_d
 
     from helpers import relative_error
     from shared.media import clip_pixels, load_segment, sync_pixels
-    from shared.mel import build_mel_converter
+    from shared.models.mel import build_mel_converter
 
     golden = load_file(reference_dir / f"preprocess_{clip_id}.safetensors")
     segment = load_segment(reference_dir.parent / "data" / "example_videos" / f"{clip_id}.mp4", 0.0, None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.resample import resample
+from shared.models.resample import resample
 
 # Made once with torchaudio 2.11.0 (torch 2.11.0, CPU): transforms.Resample(source, target,
 # resampling_method="sinc_interp_kaiser", lowpass_filter_width=64, rolloff=0.9475937167399596,

@@ -1,6 +1,6 @@
 import pytest
 
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 
 
 @pytest.mark.parametrize("mode, latents, samples", [("16k", 250, 128000), ("44k", 345, 353280)])
@@ -19,7 +19,7 @@ def test_five_seconds_at_16k():
 def test_valid_frames_of_a_padded_clip():
     import torch
 
-    from shared.flow import valid_frames
+    from shared.models.flow import valid_frames
 
     frames = valid_frames(torch.tensor([8.0, 5.0, 11.0, 0.0]), SequenceConfig("16k", 8.0))
     assert frames.tolist() == [250, 157, 250, 1]

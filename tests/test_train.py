@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.features import FeatureFormatError
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 from train.config import TrainConfig
 from shared.lora import AdapterError, base_network, load_adapter
 from train.loop import train
@@ -42,7 +42,7 @@ def test_lora_learns_and_base_weights_stay_identical(features, tmp_path):
     from shared.features import data_dim
     from shared.profiles import feature_dims
     from shared.features import FeatureSet
-    from shared.flow import validation_losses
+    from shared.models.flow import validation_losses
 
     seq = SequenceConfig("16k")
     clips = FeatureSet.load([str(features)], data_dim(seq, feature_dims("tiny")), 8.0)
@@ -102,7 +102,7 @@ def test_resume_repeats_the_uninterrupted_run(features, tmp_path):
 
 
 def test_training_never_imports_an_encoder(features, tmp_path):
-    with imports_refused("shared.clip", "shared.synchformer", "shared.vae", "shared.mel", "open_clip",
+    with imports_refused("shared.models.clip", "shared.models.synchformer", "shared.models.vae", "shared.models.mel", "open_clip",
                          "precompute") as refused:
         from train.config import TrainConfig
         from train.loop import train as train_anew

@@ -90,7 +90,7 @@ def test_split_by_group_rules(caplog):
 def test_a_feature_folder_without_groups_keeps_working(features, tmp_path, caplog):
     from shared.features import FeatureSet, data_dim
     from shared.profiles import feature_dims
-    from shared.sequence import SequenceConfig
+    from shared.models.sequence import SequenceConfig
 
     old = tmp_path / "old"
     shutil.copytree(features, old)
@@ -106,7 +106,7 @@ def test_a_feature_folder_without_groups_keeps_working(features, tmp_path, caplo
 def test_v2_networks_drop_clip_and_sync_independently_v1_together(monkeypatch):
     import train.objective as objective
     from shared.lora import base_network
-    from shared.sequence import SequenceConfig
+    from shared.models.sequence import SequenceConfig
 
     drawn = {}
     real = objective.apply_null_conditions

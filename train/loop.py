@@ -23,12 +23,12 @@ import torch
 from shared.distributed import Ranks
 from shared.errors import UserError
 from shared.features import FeatureSet, feature_fingerprint, folders_window, split
-from shared.flow import validation_losses
+from shared.models.flow import validation_losses
 from shared.lora import add_lora, count_parameters, lora_config, save_adapter
 from shared.outputs import atomic_path, atomic_write_text, folder_lock, replace_folder
 from shared.run_record import CONFIG_FILE, Split
 from shared.runtime import Runtime
-from shared.sequence import SequenceConfig
+from shared.models.sequence import SequenceConfig
 from shared.synthesis import crop_video_features, use_duration
 from train.buckets import Batch, bucket_lengths, epoch_plan
 from train.card import model_card

@@ -1,4 +1,4 @@
-"""The training objective: shared.flow.masked_flow_loss with random posterior samples,
+"""The training objective: shared.models.flow.masked_flow_loss with random posterior samples,
 logit-normal times and classifier-free dropout of the conditions: for v1 networks the CLIP and
 Synchformer features are dropped together (the released recipe), for v2 networks (large_44k_v2)
 each on its own draw, as the v2 models were trained (MMAudio's author, hkchengrex/MMAudio#86);
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from shared.distributed import rank_rows
-from shared.flow import masked_flow_loss, sample_time
-from shared.network import MMAudio
-from shared.sequence import SequenceConfig
+from shared.models.flow import masked_flow_loss, sample_time
+from shared.models.network import MMAudio
+from shared.models.sequence import SequenceConfig
 
 
 def apply_null_conditions(network: MMAudio, batch: dict, drop_clip: torch.Tensor, drop_sync: torch.Tensor,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared.features import FeatureSet
 from shared.media import write_wav
-from shared.network import MMAudio
+from shared.models.network import MMAudio
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, sample_stored_clips
 

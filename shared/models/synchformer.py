@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.sequence import SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE
+from shared.models.sequence import SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE
 
 IMAGE_SIZE = 224
 PATCH_SIZE = 16

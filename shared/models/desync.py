@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.mel import mel_filterbank
-from shared.synchformer import ClsAggregation
+from shared.models.mel import mel_filterbank
+from shared.models.synchformer import ClsAggregation
 
 SAMPLE_RATE = 16000
 SEGMENT_SAMPLES = 10240  # 0.64 s, the span of one video segment (16 frames at 25 fps)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
-from shared.layers import (
+from shared.models.layers import (
     MLP,
     ChannelLastConv1d,
     ConvMLP,
@@ -23,7 +23,7 @@ from shared.layers import (
     TimestepEmbedder,
     rotary_table,
 )
-from shared.sequence import LATENT_DIMS, SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, SequenceConfig, mode_of
+from shared.models.sequence import LATENT_DIMS, SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, SequenceConfig, mode_of
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.network import MMAudio, Conditions
-from shared.sequence import SequenceConfig
+from shared.models.network import MMAudio, Conditions
+from shared.models.sequence import SequenceConfig
 
 
 def sample_time(batch_size: int, *, generator: torch.Generator | None = None,

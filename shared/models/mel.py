@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
-from shared.sequence import AUDIO_MODES
+from shared.models.sequence import AUDIO_MODES
 
 
 @dataclass(frozen=True)
