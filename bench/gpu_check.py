@@ -146,10 +146,11 @@ def network(check: Check):
 
 
 def vocoder_hyperparameters(check: Check) -> dict:
-    from shared.models.vocoder import BIGVGAN_16K, BIGVGAN_44K, vocoder_hyperparameters as tiny
+    from shared.models.vocoder import BIGVGAN_16K, BIGVGAN_44K
+    from shared.pretrained import vocoder_hyperparameters as of_profile
 
     if check.smoke:
-        return tiny("44k", "tiny")
+        return of_profile("44k", "tiny")
     # the official 44k generator (its shapes, no final tanh or bias), with the audio fields of its config.json
     return dict(BIGVGAN_16K, **BIGVGAN_44K, sampling_rate=44100, hop_size=512, n_fft=2048,
                 win_size=2048, fmin=0, fmax=None)
@@ -165,11 +166,9 @@ def vocoder_generator(check: Check):
 # -- sections --------------------------------------------------------------------------------------------
 
 def precision(check: Check) -> None:
-    from shared.models.clip import build_clip
     from shared.models.sequence import SequenceConfig
-    from shared.models.synchformer import build_synchformer, encode_sync_frames
-    from shared.models.vae import build_vae
-    from shared.models.vocoder import build_vocoder
+    from shared.models.synchformer import encode_sync_frames
+    from shared.pretrained import build_clip, build_synchformer, build_vae, vocoder_from_state_dict
 
     device, generator = check.device, torch.Generator().manual_seed(0)
     kept = "(runs in fp32)"
@@ -210,16 +209,14 @@ def precision(check: Check) -> None:
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "config.json"
         config.write_text(json.dumps(vocoder_hyperparameters(check)))
-        vocoder = build_vocoder("44k", generator_module.state_dict(), check.profile, config).to(device).eval()
+        vocoder = vocoder_from_state_dict("44k", generator_module.state_dict(), check.profile, config).to(device)
     compare("vocoder 44k", lambda: vocoder(torch.randn(1, 128, 32, generator=generator).to(device)), kept)
 
 
 def weights(check: Check) -> None:
     """Official-layout files under the official names, as `mmaudio-lora download` leaves them."""
-    from shared.models.clip import build_clip
     from shared.models.network import build_network
-    from shared.models.synchformer import build_synchformer
-    from shared.models.vae import build_vae
+    from shared.pretrained import build_clip, build_synchformer, build_vae
     from shared.weights import CLIP_WEIGHTS, NETWORK_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, VOCODER_WEIGHTS
 
     if check.smoke:

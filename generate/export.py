@@ -14,7 +14,7 @@ from generate.model import ModelSource, resolve_source
 from shared.errors import UserError
 from shared.lora import AdapterError
 from shared.outputs import OutputError
-from shared.models.sequence import mode_of
+from shared.runtime import mode_of
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The latent statistics normalize every latent the network sees: rounded to 16 bits they would

@@ -73,7 +73,7 @@ def doctor(
     Exits non-zero when a needed file is missing.
     """
     from shared.device import cuda_status
-    from shared.models.sequence import mode_of
+    from shared.runtime import mode_of
     from shared.weights import check_files, default_weights_dir
 
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.clip_list import ClipEntry, read_clip_list, split_into_windows
 from shared.errors import UserError
-from shared.models.sequence import MIN_CLIP_SEC, check_window
+from shared.models.sequence import MIN_CLIP_SEC
 from precompute.store import (
     FORMAT_VERSION,
     MEDIA_KEYS,
@@ -31,7 +31,7 @@ from precompute.store import (
     write_output,
 )
 from shared.outputs import check_output_folder, folder_lock
-from shared.runtime import Runtime
+from shared.runtime import Runtime, check_window
 
 log = logging.getLogger(__name__)
 

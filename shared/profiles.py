@@ -9,7 +9,6 @@ deterministic weights and no files. Tests, CI and the offline demo use `tiny`.
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ TINY_SYNCHFORMER = {"dim": 32, "depth": 2, "num_heads": 2}
 # DeSync's audio branch and sync head, at the width of the tiny Synchformer's video features
 TINY_SYNC_SCORER = {"dim": TINY_SYNCHFORMER["dim"], "ast_depth": 2, "ast_heads": 2, "head_depth": 1, "head_heads": 2}
 TINY_VAE_HIDDEN = 16
+TINY_VOCODER = {"upsample_initial_channel": 64, "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3, 5]]}
 TINY_NETWORK = {"hidden_dim": 64, "depth": 3, "fused_depth": 2, "num_heads": 2}
 
 
@@ -94,19 +94,3 @@ def fill_deterministically(module: nn.Module) -> nn.Module:
     module.load_state_dict(filled, strict=True)
     return module
 
-
-def load_profile_weights(module: nn.Module, profile: str, weight_file, weights_dir: str | os.PathLike | None,
-                         what: str, select=None) -> nn.Module:
-    """Deterministic weights for `tiny`; for `real` the official file, strictly loaded.
-
-    `select` picks the entries the module uses from a file holding more.
-    """
-    from shared.checkpoint import load_strict, read_state_dict
-    from shared.weights import require
-
-    if check_profile(profile) == "tiny":
-        return fill_deterministically(module)
-    path = require(weight_file, weights_dir)
-    state = read_state_dict(path)
-    load_strict(module, select(state) if select else state, path, what)
-    return module

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING
 from shared.device import check_device, check_precision
 from shared.errors import UserError
 from shared.profiles import check_profile
-from shared.models.sequence import AUDIO_MODES, DEFAULT_WINDOW_SEC, DEFAULT_VARIANT, SequenceConfig, mode_of
+from shared.models.sequence import (AUDIO_MODES, DEFAULT_VARIANT, DEFAULT_WINDOW_SEC, MIN_CLIP_SEC, VARIANT_MODES,
+                                    SequenceConfig)
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +29,22 @@ if TYPE_CHECKING:
     from shared.profiles import FeatureDims
 
 log = logging.getLogger(__name__)
+
+def mode_of(variant: str) -> str:
+    """The audio mode of a network variant the user named (one line for an unknown one)."""
+    if variant not in VARIANT_MODES:
+        raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANT_MODES)}")
+    return VARIANT_MODES[variant]
+
+
+def check_window(window_sec: float, what: str = "--window") -> float:
+    """A feature window the network can train on: one Synchformer window up to the 8 s window."""
+    if not (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
+            and MIN_CLIP_SEC <= window_sec <= DEFAULT_WINDOW_SEC):
+        raise UserError(f"{what} must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
+                        f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {window_sec}")
+    return float(window_sec)
+
 
 # The variant of a mode when none is named (e.g. training on 16k features without --variant).
 VARIANT_OF_MODE = {"16k": "small_16k", "44k": DEFAULT_VARIANT}
@@ -157,19 +175,19 @@ class Runtime:
         return self._load("network", load)
 
     def clip(self):
-        from shared.models.clip import load_clip
+        from shared.pretrained import load_clip
 
         return self._load("clip", lambda: load_clip(self.profile, self.weights_dir, self.torch_device))
 
     def synchformer(self):
-        from shared.models.synchformer import load_synchformer
+        from shared.pretrained import load_synchformer
 
         return self._load("synchformer", lambda: load_synchformer(self.profile, self.weights_dir, self.torch_device))
 
     def sync_scorer(self):
         """DeSync's model: Synchformer's audio branch and sync head, from the same weight file as
         the Synchformer (its other entries)."""
-        from shared.models.desync import load_sync_scorer
+        from shared.pretrained import load_sync_scorer
 
         return self._load("sync scorer", lambda: load_sync_scorer(self.profile, self.weights_dir, self.torch_device))
 
@@ -180,7 +198,7 @@ class Runtime:
 
     def vae(self):
         """The whole VAE (encoder and decoder): audio → latents."""
-        from shared.models.vae import load_vae
+        from shared.pretrained import load_vae
 
         return self._load("vae", lambda: load_vae(self.audio_mode, self.profile, self.weights_dir, self.torch_device))
 
@@ -190,7 +208,7 @@ class Runtime:
             return self._models["vae"]
 
         def load():
-            from shared.models.vae import load_vae
+            from shared.pretrained import load_vae
 
             vae = load_vae(self.audio_mode, self.profile, self.weights_dir, self.torch_device)
             del vae.encoder
@@ -198,7 +216,7 @@ class Runtime:
         return self._load("vae decoder", load)
 
     def vocoder(self):
-        from shared.models.vocoder import load_vocoder
+        from shared.pretrained import load_vocoder
 
         return self._load("vocoder", lambda: load_vocoder(self.audio_mode, self.profile, self.weights_dir,
                                                           self.torch_device))

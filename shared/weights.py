@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.models.sequence import DEFAULT_VARIANT, mode_of
+from shared.models.sequence import DEFAULT_VARIANT
+from shared.runtime import mode_of
 
 log = logging.getLogger(__name__)
 

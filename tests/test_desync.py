@@ -65,7 +65,9 @@ def test_offsets_and_averaging_follow_the_reference(goldens):
 
 
 def test_clips_shorter_than_four_point_eight_seconds_have_no_desync():
-    scorer = build_sync_scorer("tiny").eval()
+    from shared.pretrained import build_sync_scorer as of_profile
+
+    scorer = of_profile("tiny").eval()
     video = torch.randn(2, 24 * 8, 32)
     short = scorer.desync(video, torch.randn(2, 76799) * 0.1)  # one sample short of 14 segments
     assert short.shape == (2,) and all(math.isnan(v) for v in short.tolist())

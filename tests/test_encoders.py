@@ -7,9 +7,10 @@ from safetensors.torch import load_file
 
 from helpers import relative_error
 from shared.models.mel import build_mel_converter
-from shared.models.synchformer import build_synchformer, load_synchformer, sync_windows
+from shared.models.synchformer import build_synchformer, sync_windows
 from shared.models.vae import build_vae, mp_normalize
-from shared.models.vocoder import build_vocoder, load_vocoder
+from shared.models.vocoder import bigvgan_generator, vocoder_hyperparameters
+from shared.pretrained import load_synchformer, load_vocoder, vocoder_from_state_dict
 
 # The reference README's bound. Measured float32 spread against the goldens: mel 1.8e-5, VAE 2.2e-6,
 # Synchformer 6.3e-7, CLIP 0 (5x or more below the bound); the vocoder runs in float64 (below).
@@ -49,7 +50,7 @@ def test_vae_parity_and_layout(mode, reference_dir, fill_state_dict):
 
 
 def test_vae_std_clamps_logvar():
-    vae = build_vae("16k", profile="tiny").eval()
+    vae = build_vae("16k", hidden_dim=16).eval()
     with torch.no_grad():
         vae.encoder.learnable_gain.fill_(1e4)  # huge moments → logvar far outside [-30, 20]
         _, std = vae.encode(torch.randn(1, 80, 64))
@@ -85,23 +86,24 @@ def test_one_synchformer_file_serves_the_visual_branch_and_desync(tmp_path):
     """The official file holds the whole Synchformer: features read its visual branch, DeSync the
     audio branch and sync head, each strictly, from the same file."""
     from shared.checkpoint import CheckpointError
-    from shared.models.desync import build_sync_scorer, scorer_state_dict
-    from shared.profiles import load_profile_weights
+    from shared.models.desync import scorer_state_dict
     from shared.models.synchformer import visual_state_dict
+    from shared.pretrained import build_sync_scorer, with_weights
+    from shared.pretrained import build_synchformer as build_tiny
     from shared.weights import SYNCHFORMER_WEIGHTS
 
-    tiny, scorer = build_synchformer("tiny"), build_sync_scorer("tiny")
+    tiny, scorer = build_tiny("tiny"), build_sync_scorer("tiny")
     for p in [*tiny.parameters(), *scorer.parameters()]:
         torch.nn.init.normal_(p)
     torch.save(dict(tiny.state_dict(), **scorer.state_dict()), tmp_path / "synchformer_state_dict.pth")
     # The real architecture refuses tiny weights clearly; a tiny-sized module built the same way loads them.
     with pytest.raises(CheckpointError, match="does not fit Synchformer"):
         load_synchformer("real", weights_dir=tmp_path)
-    loaded = load_profile_weights(build_synchformer("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path,
-                                  "Synchformer", select=visual_state_dict)
+    loaded = with_weights(build_tiny("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path, "Synchformer",
+                          select=visual_state_dict)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tiny.state_dict().items())
-    loaded = load_profile_weights(build_sync_scorer("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path,
-                                  "DeSync", select=scorer_state_dict)
+    loaded = with_weights(build_sync_scorer("tiny"), "real", SYNCHFORMER_WEIGHTS, tmp_path, "DeSync",
+                          select=scorer_state_dict)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in scorer.state_dict().items())
 
 
@@ -132,10 +134,10 @@ def _pre_tanh(vocoder, mel):
 
 def test_vocoder_parity_with_constructed_filters(vocoder_checkpoint_form, reference_dir):
     golden = load_file(reference_dir / "bigvgan16k.safetensors")
-    constructed = build_vocoder("16k").state_dict()
+    constructed = bigvgan_generator(vocoder_hyperparameters("16k")).state_dict()
     assert torch.equal(constructed["activation_post.upsample.filter"], golden["filter_upsample"])
     state = {k: (constructed[k] if k.endswith(".filter") else v) for k, v in vocoder_checkpoint_form.items()}
-    pre_tanh, waveform = _pre_tanh(build_vocoder("16k", state), golden["mel"])
+    pre_tanh, waveform = _pre_tanh(vocoder_from_state_dict("16k", state), golden["mel"])
     assert waveform.shape == (1, 1, 32 * 256)
     # float64 sits 4.6e-6 from the float32 golden (the golden's own rounding); weights perturbed
     # by 0.1 % land 2.1e-2 away, so TOLERANCE (1e-4) separates the two by orders of magnitude.
@@ -148,7 +150,7 @@ def test_vocoder_parity_all_filled(vocoder_checkpoint_form, reference_dir):
     run sits 3.3e-4 from the float32 golden, which is the golden's own float32 rounding. 1e-3
     still fails weights perturbed by 0.1 % (3.7e-2 away) and any wrong layer (off by O(1))."""
     golden = load_file(reference_dir / "bigvgan16k.safetensors")
-    pre_tanh, _ = _pre_tanh(build_vocoder("16k", vocoder_checkpoint_form), golden["mel"])
+    pre_tanh, _ = _pre_tanh(vocoder_from_state_dict("16k", vocoder_checkpoint_form), golden["mel"])
     assert relative_error(pre_tanh, golden["pre_tanh"]) <= 1e-3
 
 
@@ -158,8 +160,8 @@ def test_vocoder_accepts_both_weight_norm_namings(vocoder_checkpoint_form, tmp_p
     legacy = legacy_weight_norm_names(vocoder_checkpoint_form)
     assert len(legacy) == 784 and any(k.endswith(".weight_g") for k in legacy)
     mel = torch.randn(1, 80, 8, generator=torch.Generator().manual_seed(0)) - 4
-    parametrized_out = _pre_tanh(build_vocoder("16k", vocoder_checkpoint_form), mel)[0]
-    legacy_out = _pre_tanh(build_vocoder("16k", legacy), mel)[0]
+    parametrized_out = _pre_tanh(vocoder_from_state_dict("16k", vocoder_checkpoint_form), mel)[0]
+    legacy_out = _pre_tanh(vocoder_from_state_dict("16k", legacy), mel)[0]
     assert torch.equal(parametrized_out, legacy_out)
     # The official file layout: {"generator": state dict}, found by name in the weights folder.
     torch.save({"generator": vocoder_checkpoint_form}, tmp_path / "best_netG.pt")

@@ -47,8 +47,8 @@ def test_network_bf16_is_close_to_float32_and_stays_on_fused_kernels(reference_d
 
 
 def test_encoders_bf16_are_close_to_float32():
-    from shared.models.clip import load_clip
-    from shared.models.synchformer import encode_sync_frames, load_synchformer
+    from shared.models.synchformer import encode_sync_frames
+    from shared.pretrained import load_clip, load_synchformer
 
     generator = torch.Generator().manual_seed(0)
     frames = torch.rand(8, 3, 384, 384, generator=generator)

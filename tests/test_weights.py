@@ -134,7 +134,8 @@ def test_doctor_and_download_commands(server, tmp_path, monkeypatch):
 
 def test_44k_needs_the_vocoder_config_and_reads_it(tmp_path):
     """The 44k vocoder's architecture comes from its config.json beside the weights."""
-    from shared.models.vocoder import load_vocoder, vocoder_hyperparameters, bigvgan_generator
+    from shared.models.vocoder import bigvgan_generator
+    from shared.pretrained import load_vocoder, vocoder_hyperparameters
 
     names = [wf.filename for wf, _ in needed_files("large_44k_v2")]
     assert "config.json" in names and "bigvgan_generator.pt" in names and "v1-44.pth" in names

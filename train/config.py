@@ -108,7 +108,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every value checked (types were checked on the way in), before anything is created."""
         from shared.profiles import check_profile
-        from shared.models.sequence import DEFAULT_WINDOW_SEC, mode_of
+        from shared.models.sequence import DEFAULT_WINDOW_SEC
+        from shared.runtime import mode_of
 
         if not self.features:
             raise UserError("no --features folder given")
@@ -167,7 +168,7 @@ class TrainConfig:
     def runtime(self) -> Runtime:
         """The network's runtime, in the audio mode of the features (a variant of another is refused)."""
         from shared.features import FeatureFormatError, feature_mode
-        from shared.models.sequence import mode_of
+        from shared.runtime import mode_of
 
         mode = feature_mode(self.features[0])
         if self.variant is not None and mode_of(self.variant) != mode:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -13,17 +12,16 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_model_config(profile: str = "real") -> dict:
-    """open_clip's configuration of the model; `tiny` keeps its input size, patch and vocabulary."""
+def clip_model_config(sizes: dict | None = None) -> dict:
+    """open_clip's configuration of the model; `sizes` ({embed_dim, vision_cfg, text_cfg}) shrink
+    its widths and depths while its input size, patch and vocabulary stay."""
     import open_clip
 
-    from shared.profiles import TINY_CLIP, check_profile
-
     config = copy.deepcopy(open_clip.get_model_config(MODEL_NAME))
-    if check_profile(profile) == "tiny":
-        config["embed_dim"] = TINY_CLIP["embed_dim"]
-        config["vision_cfg"].update(TINY_CLIP["vision_cfg"])
-        config["text_cfg"].update(TINY_CLIP["text_cfg"])
+    if sizes is not None:
+        config["embed_dim"] = sizes["embed_dim"]
+        config["vision_cfg"].update(sizes["vision_cfg"])
+        config["text_cfg"].update(sizes["text_cfg"])
     return config
 
 
@@ -67,8 +65,8 @@ class ClipEncoder(nn.Module):
         return F.normalize(model.ln_final(x), dim=-1)
 
 
-def build_clip(profile: str = "real") -> ClipEncoder:
-    """The architecture with zeroed weights, to be filled or loaded (`load_clip`).
+def build_clip(sizes: dict | None = None) -> ClipEncoder:
+    """The architecture (official, or at `sizes`) with zeroed weights, to be filled or loaded.
 
     Built on the meta device: a random initialisation of 1 B parameters costs seconds and is
     overwritten anyway. The one table that is not a weight, the text tower's causal mask, is
@@ -76,7 +74,7 @@ def build_clip(profile: str = "real") -> ClipEncoder:
     import open_clip
     from open_clip.model import CLIP
 
-    config = clip_model_config(profile)
+    config = clip_model_config(sizes)
     with torch.device("meta"):
         model = CLIP(**config)
     derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
@@ -89,14 +87,3 @@ def build_clip(profile: str = "real") -> ClipEncoder:
         context = model.attn_mask.shape[0]
         model.attn_mask = torch.full((context, context), float("-inf")).triu_(1)
     return ClipEncoder(model.eval(), open_clip.get_tokenizer(MODEL_NAME))
-
-
-def load_clip(profile: str = "real", weights_dir: str | os.PathLike | None = None,
-              device: torch.device | str = "cpu") -> ClipEncoder:
-    """CLIP ready to encode: the DFN5B weights for `real`, deterministic weights for `tiny`."""
-    from shared.profiles import load_profile_weights
-    from shared.weights import CLIP_WEIGHTS
-
-    encoder = build_clip(profile)
-    load_profile_weights(encoder.model, profile, CLIP_WEIGHTS, weights_dir, MODEL_NAME)
-    return encoder.to(device).eval()

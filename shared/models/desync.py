@@ -18,7 +18,6 @@ official Synchformer, under the official checkpoint's key names (`afeat_extracto
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -297,30 +296,11 @@ class SyncScorer(nn.Module):
         return desync_of_logits(logits).cpu()
 
 
-def scorer_config(profile: str = "real") -> SyncScorerConfig:
-    from shared.profiles import TINY_SYNC_SCORER, check_profile
-
-    return SyncScorerConfig() if check_profile(profile) == "real" else SyncScorerConfig(**TINY_SYNC_SCORER)
-
-
-def build_sync_scorer(profile: str = "real") -> SyncScorer:
-    """The scorer at the official size (or the tiny profile's), weights not loaded."""
-    return SyncScorer(scorer_config(profile))
+def build_sync_scorer(config: SyncScorerConfig = SyncScorerConfig()) -> SyncScorer:
+    """The scorer at the official size (or `config`'s), weights not loaded."""
+    return SyncScorer(config)
 
 
 def scorer_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a full Synchformer checkpoint that the scorer uses (all but the visual branch)."""
     return {key: value for key, value in state_dict.items() if key.startswith(PREFIXES)}
-
-
-def load_sync_scorer(profile: str = "real", weights_dir: str | os.PathLike | None = None,
-                     device: torch.device | str = "cpu") -> SyncScorer:
-    """The scorer from `synchformer_state_dict.pth` (the file `features` reads its visual branch
-    from), strictly; deterministic weights for `tiny`."""
-    from shared.profiles import load_profile_weights
-    from shared.weights import SYNCHFORMER_WEIGHTS
-
-    scorer = build_sync_scorer(profile)
-    load_profile_weights(scorer, profile, SYNCHFORMER_WEIGHTS, weights_dir, "Synchformer's audio branch and sync head",
-                         select=scorer_state_dict)
-    return scorer.to(device).eval()

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import UserError
 from shared.models.sequence import AUDIO_MODES
 
 
@@ -95,5 +94,5 @@ class MelConverter(nn.Module):
 
 def build_mel_converter(mode: str) -> MelConverter:
     if mode not in MEL_CONFIGS:
-        raise UserError(f"unknown audio mode {mode!r}; expected one of {sorted(MEL_CONFIGS)}")
+        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(MEL_CONFIGS)}")
     return MelConverter(MEL_CONFIGS[mode])

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import UserError
 from shared.models.layers import (
     MLP,
     ChannelLastConv1d,
@@ -23,7 +22,7 @@ from shared.models.layers import (
     TimestepEmbedder,
     rotary_table,
 )
-from shared.models.sequence import LATENT_DIMS, SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, SequenceConfig, mode_of
+from shared.models.sequence import LATENT_DIMS, SYNC_TOKENS_PER_WINDOW, TEXT_SEQ_LEN, VARIANT_MODES, SequenceConfig
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class NetworkConfig:
 
 def _official(variant: str, latent_dim: int, hidden_dim: int, num_heads: int, depth: int, fused_depth: int,
               v2: bool = False) -> NetworkConfig:
-    seq = SequenceConfig(mode_of(variant))
+    seq = SequenceConfig(VARIANT_MODES[variant])
     return NetworkConfig(latent_dim=latent_dim, clip_dim=1024, sync_dim=768, text_dim=1024,
                          hidden_dim=hidden_dim, depth=depth, fused_depth=fused_depth,
                          num_heads=num_heads, latent_seq_len=seq.latent_seq_len,
@@ -256,7 +255,7 @@ def build_network(variant: str | None = None, **hyperparameters) -> MMAudio:
     """
     if variant is not None:
         if variant not in VARIANTS:
-            raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
+            raise ValueError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
         config = replace(VARIANTS[variant], **hyperparameters)
     else:
         config = NetworkConfig(**hyperparameters)

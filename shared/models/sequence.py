@@ -1,13 +1,13 @@
 """Sequence lengths of the model's window, derived from mode and duration.
 
-Every other module asks this one for lengths; none retypes 250, 345, 64 or 192.
+Every other module asks this one for lengths; none retypes 250, 345, 64 or 192. The user's
+choices of variant, mode and window are checked where they enter (shared/runtime.py); here a
+value outside these tables is a programming error (ValueError).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from shared.errors import UserError
 
 # Audio properties of each mode: sample rate and mel hop (the spectrogram frame rate).
 AUDIO_MODES: dict[str, tuple[int, int]] = {"16k": (16000, 256), "44k": (44100, 512)}
@@ -31,21 +31,6 @@ DEFAULT_WINDOW_SEC = 8.0  # the window the official networks were trained on, an
 MIN_CLIP_SEC = SYNC_WINDOW_FRAMES / SYNC_FPS
 
 
-def check_window(window_sec: float, what: str = "--window") -> float:
-    """A feature window the network can train on: one Synchformer window up to the 8 s window."""
-    if not (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
-            and MIN_CLIP_SEC <= window_sec <= DEFAULT_WINDOW_SEC):
-        raise UserError(f"{what} must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
-                        f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {window_sec}")
-    return float(window_sec)
-
-
-def mode_of(variant: str) -> str:
-    if variant not in VARIANT_MODES:
-        raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANT_MODES)}")
-    return VARIANT_MODES[variant]
-
-
 @dataclass(frozen=True)
 class SequenceConfig:
     """The lengths of every stream for one audio mode and window length."""
@@ -55,9 +40,9 @@ class SequenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in AUDIO_MODES:
-            raise UserError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
+            raise ValueError(f"unknown audio mode {self.mode!r}; expected one of {sorted(AUDIO_MODES)}")
         if self.sync_windows < 1:
-            raise UserError(
+            raise ValueError(
                 f"duration {self.window_sec} s is too short: Synchformer needs at least "
                 f"{SYNC_WINDOW_FRAMES / SYNC_FPS:.2f} s of video"
             )

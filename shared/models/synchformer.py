@@ -6,7 +6,6 @@ are dropped on load.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -193,23 +192,6 @@ def encode_sync_frames(synchformer: Synchformer, frames: torch.Tensor, windows_p
     return features.view(batch, segments * features.shape[2], -1)
 
 
-def synchformer_config(profile: str = "real") -> SynchformerConfig:
-    from shared.profiles import TINY_SYNCHFORMER, check_profile
-
-    return SynchformerConfig() if check_profile(profile) == "real" else SynchformerConfig(**TINY_SYNCHFORMER)
-
-
-def build_synchformer(profile: str = "real") -> Synchformer:
-    return Synchformer(synchformer_config(profile))
-
-
-def load_synchformer(profile: str = "real", weights_dir: str | os.PathLike | None = None,
-                     device: torch.device | str = "cpu") -> Synchformer:
-    """The visual extractor from `synchformer_state_dict.pth` (other entries dropped), or tiny."""
-    from shared.profiles import load_profile_weights
-    from shared.weights import SYNCHFORMER_WEIGHTS
-
-    synchformer = build_synchformer(profile)
-    load_profile_weights(synchformer, profile, SYNCHFORMER_WEIGHTS, weights_dir, "Synchformer",
-                         select=visual_state_dict)
-    return synchformer.to(device).eval()
+def build_synchformer(config: SynchformerConfig = SynchformerConfig()) -> Synchformer:
+    """The visual extractor at the official size (or `config`'s), weights not loaded."""
+    return Synchformer(config)

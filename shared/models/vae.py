@@ -7,14 +7,12 @@ it runs (the reference does the same once, in place, before inference: identical
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.errors import UserError
 
 CLAMP = 256.0
 RESIDUAL_BALANCE = 0.3
@@ -213,26 +211,9 @@ class VAE(nn.Module):
         return self.decoder(z) * self.data_std + self.data_mean
 
 
-def vae_config(mode: str, profile: str = "real") -> VAEConfig:
-    from shared.profiles import TINY_VAE_HIDDEN, check_profile
-
+def build_vae(mode: str, hidden_dim: int | None = None) -> VAE:
+    """The VAE of an audio mode, weights not loaded; `hidden_dim` shrinks only its width (tests)."""
     if mode not in VAE_CONFIGS:
-        raise UserError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
+        raise ValueError(f"unknown audio mode {mode!r}; expected one of {sorted(VAE_CONFIGS)}")
     config = VAE_CONFIGS[mode]
-    return config if check_profile(profile) == "real" else replace(config, hidden_dim=TINY_VAE_HIDDEN)
-
-
-def build_vae(mode: str, profile: str = "real") -> VAE:
-    """The VAE of an audio mode; `profile="tiny"` shrinks only its hidden width."""
-    return VAE(vae_config(mode, profile))
-
-
-def load_vae(mode: str, profile: str = "real", weights_dir: str | os.PathLike | None = None,
-             device: torch.device | str = "cpu") -> VAE:
-    """The VAE from its official file (`v1-16.pth` / `v1-44.pth`), or deterministic for `tiny`."""
-    from shared.profiles import load_profile_weights
-    from shared.weights import VAE_WEIGHTS
-
-    vae = build_vae(mode, profile)
-    load_profile_weights(vae, profile, VAE_WEIGHTS[mode], weights_dir, f"the {mode} VAE")
-    return vae.to(device).eval()
+    return VAE(config if hidden_dim is None else replace(config, hidden_dim=hidden_dim))

@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.errors import UserError
-
 # MMAudio's bigvgan_vocoder.yml (only the generator's hyper-parameters matter here).
 BIGVGAN_16K = {
     "num_mels": 80,
@@ -41,8 +39,6 @@ BIGVGAN_44K = {
     "use_tanh_at_final": False,
     "use_bias_at_final": False,
 }
-TINY_CHANNELS = {"upsample_initial_channel": 64, "resblock_kernel_sizes": [3],
-                 "resblock_dilation_sizes": [[1, 3, 5]]}
 
 _PARAMETRIZED = re.compile(r"\.parametrizations\.weight\.original([01])$")
 
@@ -69,55 +65,20 @@ def bigvgan_generator(hyperparameters: dict) -> nn.Module:
         return BigVGAN(AttrDict(hyperparameters), use_cuda_kernel=False)
 
 
-def vocoder_hyperparameters(mode: str, profile: str = "real", config_file: str | os.PathLike | None = None) -> dict:
-    from shared.profiles import check_profile
-
-    check_profile(profile)
+def vocoder_hyperparameters(mode: str, config_file: str | os.PathLike | None = None,
+                            sizes: dict | None = None) -> dict:
+    """The generator's hyper-parameters: 16k from MMAudio's yml, 44k from its `config.json` (or,
+    without the file, the official shapes this module records); `sizes` shrink the channels (tests)."""
     if mode == "16k":
         base = dict(BIGVGAN_16K)
     elif mode == "44k":
-        if profile == "real":
-            if config_file is None:
-                raise ValueError("the 44k vocoder's hyper-parameters come from its config.json")
-            return json.loads(Path(config_file).read_text())
-        base = dict(BIGVGAN_16K, **BIGVGAN_44K)
+        base = json.loads(Path(config_file).read_text()) if config_file is not None else dict(BIGVGAN_16K, **BIGVGAN_44K)
     else:
-        raise UserError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
-    return base if profile == "real" else dict(base, **TINY_CHANNELS)
+        raise ValueError(f"unknown audio mode {mode!r}; expected '16k' or '44k'")
+    return base if sizes is None else dict(base, **sizes)
 
 
-def build_vocoder(mode: str, state_dict: dict[str, torch.Tensor] | None = None, profile: str = "real",
-                  config_file: str | os.PathLike | None = None, source: str = "state dict") -> nn.Module:
-    """A vocoder ready for inference: mel (B, n_mels, T) → waveform (B, 1, T * hop).
-
-    `state_dict` is the generator in weight-norm form, in either naming (torch's
-    `parametrizations.weight.original0/1` or the older `weight_g` / `weight_v`).
-    """
-    from shared.checkpoint import load_strict
-
-    generator = bigvgan_generator(vocoder_hyperparameters(mode, profile, config_file))
-    if state_dict is not None:
-        load_strict(generator, legacy_weight_norm_names(state_dict), source, f"the {mode} vocoder")
+def inference_form(generator: nn.Module) -> nn.Module:
+    """The generator with weight norm removed, in eval mode: mel (B, n_mels, T) → waveform (B, 1, T * hop)."""
     _quietly(generator.remove_weight_norm)
     return generator.eval()
-
-
-def load_vocoder(mode: str, profile: str = "real", weights_dir: str | os.PathLike | None = None,
-                 device: torch.device | str = "cpu") -> nn.Module:
-    """The vocoder of a mode from its official file, or deterministic weights for `tiny`."""
-    from shared.checkpoint import CheckpointError, read_checkpoint
-    from shared.profiles import fill_deterministically
-    from shared.weights import VOCODER_WEIGHTS, require
-
-    if profile == "tiny":
-        generator = bigvgan_generator(vocoder_hyperparameters(mode, profile))
-        fill_deterministically(generator)
-        _quietly(generator.remove_weight_norm)
-        return generator.eval().to(device)
-    weight_file = VOCODER_WEIGHTS[mode]
-    path = require(weight_file, weights_dir)
-    config_file = path.parent / "config.json" if mode == "44k" else None
-    checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("generator"), dict):
-        raise CheckpointError(f"{path}: expected a dict with a 'generator' entry (a BigVGAN checkpoint)")
-    return build_vocoder(mode, checkpoint["generator"], profile, config_file, source=str(path)).to(device)

@@ -1,0 +1,54 @@
+"""The layout holds: the networks live in shared/models/ and import nothing from the rest of the project."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("shared", "precompute", "train", "generate", "mmaudio_lora", "bench")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (relative imports resolved)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-node.level])
+                names.add(f"{package}.{node.module}" if node.module else package)
+            else:
+                names.add(node.module)
+    return names
+
+
+def _project_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def test_models_import_only_models():
+    models = _project_files("shared/models")
+    assert len(models) >= 12
+    offending = {str(path.relative_to(REPO)): sorted(name for name in _imported_modules(path)
+                                                     if name.split(".")[0] in PACKAGES
+                                                     and not name.startswith("shared.models"))
+                 for path in models}
+    assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_no_network_is_defined_outside_models():
+    """Every nn.Module class of the project is in shared/models/."""
+    outside = []
+    for path in _project_files(*PACKAGES):
+        if "shared/models/" in str(path.relative_to(REPO)) + "/":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any("Module" in ast.unparse(base) or "nn." in ast.unparse(base)
+                                                      for base in node.bases):
+                outside.append(f"{path.relative_to(REPO)}:{node.name}")
+    assert outside == []
+
+
+def test_the_scan_sees_an_import_inside_a_function(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch\n\ndef load():\n    from shared.weights import require\n    return require\n")
+    assert _imported_modules(probe) == {"torch", "shared.weights"}
