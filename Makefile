@@ -19,7 +19,7 @@ STEPS ?= 2000
 VIDEO ?= data/new_videos
 OUT ?= data/generated/$(VARIANT)
 
-.PHONY: setup lock test demo features train generate evaluate export bench gpu-check
+.PHONY: setup lock test demo features train crossval generate evaluate export bench gpu-check
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ features: $(STAMP)
 train: $(STAMP)
 	$(BIN)/mmaudio-lora train --features $(FEATURES) --run $(RUN) --checkpoint $(CHECKPOINT) \
 		--variant $(VARIANT) --steps $(STEPS) --resume
+
+# K adapters, each judged on the source videos it never saw; the verdict is over all sources.
+FOLDS ?= 4
+crossval: $(STAMP)
+	$(BIN)/mmaudio-lora crossval --features $(FEATURES) --run $(RUN)-crossval --checkpoint $(CHECKPOINT) \
+		--variant $(VARIANT) --steps $(STEPS) --folds $(FOLDS)
 
 # Audio for a video file or a folder of videos, with the run's final adapter.
 generate: $(STAMP)

@@ -1,18 +1,25 @@
 """Did the fine-tune help, on clips it has never seen? The base model against base + adapter on
-the run's held-out clips (whole source videos no segment of which was trained on), at one or
-several adapter strengths, optionally for every kept checkpoint too.
+the run's held-out clips (whole source videos no segment of which was trained on).
 
-Three numbers per clip and model, all lower-is-better, on the same clips, noise and times:
+Four numbers per clip and model, all lower-is-better, on the same clips, noise and times:
 - validation flow loss: the training objective with fixed noise and times;
 - log-mel L1: generate the clip (Euler, CFG, its own duration) from its stored conditions, then
   the mean absolute difference from the real log-mel over the clip's real frames; both
   spectrograms come out of the same VAE decoder, so the distance measures the generated audio;
-- DeSync (shared/models/desync.py): how far the generated audio is out of step with the clip's video,
-  in seconds, for clips of 4.8 s or more; the real audio's (through the VAE decoder and vocoder,
-  as the models' audio is made) is the floor.
-Each clip is generated with several seeds per model. What the numbers say (intervals, verdict,
-JSON) is generate/verdict.py; the report (generate/report.py) shows it all with the audio,
-spectrograms and training curves.
+- DeSync (shared/models/desync.py): how far the generated audio is out of step with the clip's
+  video, in seconds, for clips of 4.8 s or more, read as av-benchmark reads it (16 kHz through
+  torchaudio's default resampler); the real audio's is the floor;
+- KL_PaSST (shared/models/passt.py): KL(real ‖ generated) of PaSST's AudioSet classes, per clip,
+  as av-benchmark reads audio (10 s window, the clip's real length). Left out, and said, when the
+  PaSST weights are missing. KAD between the generated and the real set on PaSST's embeddings is
+  shown beside it, descriptively.
+"Real" audio is the clip's stored latent through the VAE decoder and the vocoder, the path the
+models' audio takes, so the metrics see the models and not the codec.
+
+Each clip is generated with several seeds per model. The verdict is for one adapter strength
+(1.0, or the one given); more strengths are scored as an exploration. What the numbers say (the
+test over sources, Holm, the verdict, JSON) is generate/verdict.py; the report (generate/report.py)
+shows it all with the audio, spectrograms and training curves.
 """
 from __future__ import annotations
 
@@ -20,27 +27,27 @@ import copy
 import json
 import logging
 import math
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from generate.kad import kad_by_source
 from generate.model import ModelSource, resolve_source
-from generate.report import write_report
-from generate.verdict import METRICS, MODELS, Evaluation, bootstrap_interval
+from generate.report import check_report_folder, report_folder, write_report
+from generate.verdict import METRICS, MODELS, Evaluation, differences_of, judge
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
 from shared.features import FeatureSet, feature_labels, folders_window, split
-from shared.models.flow import validation_losses
 from shared.lora import merge_adapter
-from shared.outputs import OutputError, atomic_write_text
-from shared.models.resample import resample
+from shared.models.flow import validation_losses
+from shared.outputs import OutputError, atomic_write_text, folder_lock
 from shared.run_record import RunRecordError, Split, read_run_config
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips
+from shared.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class Scores:
     per_clip: dict[str, dict[str, float]]
     mels: dict[str, torch.Tensor]  # the first seed's log-mel per clip (bins, real frames), for the report
     audio: dict[str, torch.Tensor]  # the first seed's waveform per clip, for the report
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # PaSST embeddings per clip (seeds, D)
 
     def mean(self, metric: str) -> float:
         values = [v for v in self.per_clip[metric].values() if not math.isnan(v)]
@@ -67,14 +75,17 @@ class Scores:
 
 # -- the clips -------------------------------------------------------------------------------------------
 
-def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime) -> tuple[FeatureSet, str]:
-    """`features` (all clips, or `ids`), else exactly the validation clips the run recorded."""
+def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime,
+                   allow_trained: bool = False) -> tuple[FeatureSet, str, list[str]]:
+    """`features` (all clips, or `ids`), else exactly the validation clips the run recorded:
+    (clips, where they come from, notes for the reader). Clips or sources of `features` that the
+    run trained on (or made its choices on) are refused unless `allow_trained`."""
     folders = [str(features)] if features is not None else read_run_config(run)["features"]
-    split_record = Split.load(run) if features is None else None
+    split_record = Split.load(run)
     if features is None and not all(Path(folder).is_absolute() for folder in folders):
         log.warning("%s: recorded its features as relative paths (an older version): they are read from the "
                     "current folder, %s", run, Path.cwd())
-    for line in split_record.changes() if split_record else []:
+    for line in split_record.changes() if split_record and features is None else []:
         log.warning("%s", line)
     gone = [folder for folder in folders if not Path(folder).is_dir()]
     if gone:
@@ -82,14 +93,19 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Ru
                              "held-out clips")
     window = folders_window(folders)
     clips = FeatureSet.load(folders, runtime.data_dim(window), window)
+    notes = []
     if features is not None:
         where = str(features)
+        if ids:
+            clips = _only(clips, ids)
+        notes += _trained_on(clips, split_record, allow_trained, run)
     elif split_record is not None:
         missing = sorted(set(split_record.val_ids) - set(clips.ids))
         if missing:
             raise RunRecordError(f"{run}: validation clip(s) {', '.join(missing[:5])} are no longer in the run's "
                                  "features; pass --features with the held-out clips")
         clips, where = clips.select(split_record.val_ids), f"validation split of {run}"
+        clips = replace(clips, groups=[split_record.group_of.get(i, g) for i, g in zip(clips.ids, clips.groups)])
     else:  # a run made before splits were recorded: its split, re-derived from its settings
         settings = read_run_config(run)
         log.warning("%s: no split.json (made by an older version); the validation split is derived again from the "
@@ -99,38 +115,95 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Ru
         clips, where = clips.subset(val_index), f"validation split of {run}"
     if not clips.ids:
         raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
-    if ids:
-        unknown = sorted(set(ids) - set(clips.ids))
-        if unknown:
-            raise UserError(f"clip id(s) not among the held-out clips: {', '.join(unknown[:5])}")
-        clips = clips.select(ids)
-    return clips, where
+    if features is None:
+        clips = _only(clips, ids) if ids else clips
+        notes.append(_choice_note(split_record))
+    return clips, where, notes
+
+
+def _only(clips: FeatureSet, ids: list[str]) -> FeatureSet:
+    unknown = sorted(set(ids) - set(clips.ids))
+    if unknown:
+        raise UserError(f"clip id(s) not among the held-out clips: {', '.join(unknown[:5])}")
+    return clips.select(ids)
+
+
+def _trained_on(clips: FeatureSet, split_record: Split | None, allow_trained: bool, run: Path) -> list[str]:
+    """Refuse clips (or clips of sources) the run trained on or chose on; a note when allowed."""
+    if split_record is None:
+        return [f"{run} recorded no split (an older version): these clips may include clips it trained on."]
+    seen = set(split_record.train_ids) | set(split_record.tuning_ids)
+    seen_sources = split_record.groups(list(seen))
+    trained = [i for i, g in zip(clips.ids, clips.groups) if i in seen or split_record.group_of.get(i, g) in seen_sources]
+    if not trained:
+        return []
+    sources = sorted({split_record.group_of.get(i, g) for i, g in zip(clips.ids, clips.groups) if i in trained})
+    listed = f"{len(trained)} clip(s) ({', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''}) of " \
+             f"{len(sources)} source(s) ({', '.join(sources[:5])}{', ...' if len(sources) > 5 else ''})"
+    if not allow_trained:
+        raise UserError(f"--features: the adapter of {run} trained on (or chose on) {listed}: they are not held "
+                        "out; pass held-out clips, or --allow-trained to score them knowingly")
+    return [f"Not held out (--allow-trained): the adapter trained on (or chose on) {listed}."]
+
+
+def _choice_note(split_record: Split | None) -> str:
+    if split_record is not None and split_record.tuning_ids:
+        return ("The run made its choices (best adapter, early stopping) on separate tuning clips: these clips "
+                "judge an adapter chosen without them.")
+    return ("These are the run's validation clips: if the steps, the checkpoint or the strength were chosen by "
+            "them, the comparison is optimistic; `mmaudio-lora crossval` judges every source with an adapter that "
+            "never saw it.")
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
 
-def clip_desync(scorer, sync_features: torch.Tensor, audio: torch.Tensor, rate: int, seconds: float,
-                runtime: Runtime) -> float:
-    """DeSync of one clip's audio against its stored video features, both cut to its real length.
-    In float32, as av-benchmark scores it: a bf16 argmax could pick another offset class."""
-    from shared.models.desync import SAMPLE_RATE
+class Judges:
+    """The metric models beyond the network: DeSync's scorer and PaSST (None when its weights are
+    missing: KL_PaSST is left out and said once)."""
 
-    seq = runtime.sequence(seconds)
-    wave = resample(audio[:round(seconds * rate)].float().cpu(), rate, SAMPLE_RATE)
-    device = runtime.torch_device
-    value = scorer.desync(sync_features[None, :seq.sync_seq_len].float().to(device), wave[None].to(device))
-    return float(value[0])
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.sync = runtime.sync_scorer()
+        try:
+            self.passt = runtime.passt()
+        except MissingWeightsError as missing:
+            log.warning("KL_PaSST left out: %s", missing)
+            self.passt = None
+        self.left_out = [] if self.passt is not None else [
+            "KL_PaSST and KAD left out: the PaSST-S weights are missing (`mmaudio-lora download` fetches them)."]
+
+    def desync(self, sync_features: torch.Tensor, audio: torch.Tensor, rate: int, seconds: float) -> float:
+        """DeSync of one clip's audio against its stored video features, both cut to its real length.
+        In float32, as av-benchmark scores it: a bf16 argmax could pick another offset class."""
+        from shared.models.desync import to_16k
+
+        seq = self.runtime.sequence(seconds)
+        wave = to_16k(audio[:round(seconds * rate)].float().cpu()[None], rate)
+        device = self.runtime.torch_device
+        value = self.sync.desync(sync_features[None, :seq.sync_seq_len].float().to(device), wave.to(device))
+        return float(value[0])
+
+    @torch.no_grad()
+    def passt_outputs(self, audio: torch.Tensor, rate: int, seconds: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """PaSST's (logits, embedding) of one clip, read as av-benchmark reads a file of the clip's
+        real length (`audio_length` = its duration, then 10 s with zero padding)."""
+        from shared.models.passt import frontend, prepare_audio
+
+        wave = prepare_audio(audio[:round(seconds * rate)].float().cpu()[None], rate, seconds)
+        logits, embedding = self.passt(frontend(wave[None].to(self.runtime.torch_device)))
+        return logits[0].float().cpu(), embedding[0].float().cpu()
 
 
-def score(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingSettings, seeds: int,
-          batch_size: int, real: dict[str, torch.Tensor], progress=None) -> Scores:
+def score(network, clips: FeatureSet, decoder: AudioDecoder, judges: Judges, sampling: SamplingSettings, seeds: int,
+          batch_size: int, real: dict[str, torch.Tensor], real_logits: dict[str, torch.Tensor], progress=None) -> Scores:
     """Every metric of one network on every clip, averaged over `seeds` seeds (`progress`: a
     tqdm bar advanced once per seed)."""
+    from shared.models.passt import kl_per_clip
+
     runtime = decoder.runtime
-    scorer = runtime.sync_scorer()
     network.to(runtime.torch_device)
     sums = {metric: {clip_id: 0.0 for clip_id in clips.ids} for metric in METRICS}
-    mels, audio = {}, {}
+    mels, audio, embeddings = {}, {}, {clip_id: [] for clip_id in clips.ids}
     for k in range(seeds):
         seed = sampling.seed + k
         for clip_id, loss in zip(clips.ids, _flow_losses(runtime, network, clips, batch_size, seed).tolist()):
@@ -143,14 +216,21 @@ def score(network, clips: FeatureSet, decoder: AudioDecoder, sampling: SamplingS
                 clip_id, seconds = clips.ids[n], float(clips.tensors["duration_sec"][n])
                 ours = mel[row]
                 sums["mel_l1"][clip_id] += float((ours - real[clip_id]).abs().mean())
-                sums["desync"][clip_id] += clip_desync(scorer, clips.tensors["sync_features"][n], waves[row],
-                                                       decoder.sampling_rate, seconds, runtime)
+                sums["desync"][clip_id] += judges.desync(clips.tensors["sync_features"][n], waves[row],
+                                                         decoder.sampling_rate, seconds)
+                if judges.passt is not None and bool(torch.isfinite(waves[row]).all()):
+                    logits, embedding = judges.passt_outputs(waves[row], decoder.sampling_rate, seconds)
+                    sums["kl_passt"][clip_id] += float(kl_per_clip(real_logits[clip_id][None], logits[None])[0])
+                    embeddings[clip_id].append(embedding)
+                else:
+                    sums["kl_passt"][clip_id] = math.nan
                 if k == 0:
                     mels[clip_id], audio[clip_id] = ours, waves[row, :round(seconds * decoder.sampling_rate)]
         if progress is not None:
             progress.update(1)
     network.to("cpu")
-    return Scores({m: {c: v / seeds for c, v in values.items()} for m, values in sums.items()}, mels, audio)
+    return Scores({m: {c: v / seeds for c, v in values.items()} for m, values in sums.items()}, mels, audio,
+                  {clip_id: torch.stack(rows) for clip_id, rows in embeddings.items() if rows})
 
 
 def _flow_losses(runtime: Runtime, network, clips: FeatureSet, batch_size: int, seed: int) -> torch.Tensor:
@@ -161,20 +241,34 @@ def _flow_losses(runtime: Runtime, network, clips: FeatureSet, batch_size: int, 
         return validation_losses(network, batches, runtime.sequence(clips.window_sec), seed)
 
 
-def real_audio(clips: FeatureSet, decoder: AudioDecoder, batch_size: int
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Each clip's real log-mel, decoded from its stored latent at the clip's own length (as its
-    generated audio is decoded), and its waveform through the vocoder: what the metrics compare with."""
+@dataclass
+class RealAudio:
+    """Each clip's real audio as the metrics see it: its log-mel decoded from the stored latent at
+    the clip's own length (as generated audio is decoded), its waveform through the vocoder, and
+    PaSST's logits and embedding of it."""
+
+    mels: dict[str, torch.Tensor]
+    waves: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def real_audio(clips: FeatureSet, decoder: AudioDecoder, judges: Judges, batch_size: int) -> RealAudio:
     durations = clips.tensors["duration_sec"].tolist()
-    mels, waves = {}, {}
+    real = RealAudio({}, {})
     for rows in duration_batches(durations, batch_size):
         seq = decoder.runtime.sequence(durations[rows[0]])
         decoded = decoder.mel(clips.tensors["a_mean"][rows, :seq.latent_seq_len])
         audio = decoder.vocode(decoded)
         for row, n in enumerate(rows):
-            mels[clips.ids[n]] = decoded[row].cpu()
-            waves[clips.ids[n]] = audio[row, :round(durations[n] * decoder.sampling_rate)]
-    return mels, waves
+            clip_id = clips.ids[n]
+            real.mels[clip_id] = decoded[row].cpu()
+            real.waves[clip_id] = audio[row, :round(durations[n] * decoder.sampling_rate)]
+            if judges.passt is not None:
+                real.logits[clip_id], embedding = judges.passt_outputs(real.waves[clip_id], decoder.sampling_rate,
+                                                                       durations[n])
+                real.embeddings[clip_id] = embedding[None]
+    return real
 
 
 def kept_adapters(run: Path) -> dict[str, Path]:
@@ -211,72 +305,112 @@ def check_evaluation_target(out: Path) -> Path:
     return out
 
 
+def judged_scale(lora_scales: tuple[float, ...]) -> float:
+    """The strength the verdict is for: 1.0 (as trained) when it is among those given, else the first."""
+    return 1.0 if 1.0 in lora_scales else lora_scales[0]
+
+
+@dataclass
+class Scored:
+    """An evaluation's numbers and what they were computed from (each model's scores, the real audio)."""
+
+    result: Evaluation
+    outputs: dict[str, Scores]  # base, tuned, and each strength as "scale X"
+    real: RealAudio
+
+
+def score_held_out(source: ModelSource, clips: FeatureSet, where: str, notes: list[str], sampling: SamplingSettings,
+                   lora_scales: tuple[float, ...], seeds: int, batch_size: int, show_progress: bool = True) -> Scored:
+    """Base and base + adapter (at each strength) on `clips`, every metric, the tests over sources."""
+    from tqdm import tqdm
+
+    runtime = source.runtime
+    base = ModelSource(runtime).load()
+    decoder, judges = AudioDecoder(runtime), Judges(runtime)
+    expected = {"variant": runtime.variant, "profile": runtime.profile}
+    group_of = dict(zip(clips.ids, clips.groups))
+    result = Evaluation(runtime.variant, where, list(clips.ids), asdict(sampling), seeds, len(set(clips.groups)),
+                        group_of, lora_scale=judged_scale(lora_scales), notes=notes + judges.left_out)
+    real = real_audio(clips, decoder, judges, batch_size)
+    with tqdm(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
+              disable=not show_progress) as progress:
+        outputs = {"base": score(base, clips, decoder, judges, sampling, seeds, batch_size, real.mels, real.logits,
+                                 progress)}
+        for scale in lora_scales:
+            network = merge_adapter(copy.deepcopy(base), source.adapter, scale, expected)
+            outputs[f"scale {scale:g}"] = score(network, clips, decoder, judges, sampling, seeds, batch_size,
+                                                real.mels, real.logits, progress)
+    outputs["tuned"] = outputs[f"scale {result.lora_scale:g}"]
+    if outputs["tuned"].failed:
+        result.lora_scale = None
+    summarise(result, outputs, real, clips, judges, decoder.sampling_rate)
+    if len(lora_scales) > 1:
+        result.scales = {f"{s:g}": explore(outputs[f"scale {s:g}"], outputs["base"], group_of) for s in lora_scales}
+    return Scored(result, outputs, real)
+
+
 def evaluate(run: Path, source: ModelSource | None = None, features: Path | None = None, ids: list[str] | None = None,
              sampling: SamplingSettings = SamplingSettings(), lora_scales: tuple[float, ...] = (1.0,),
              batch_size: int = 4, out: Path | None = None, checkpoints: bool = False,
-             report: bool = True, seeds: int = 3, show_progress: bool = True) -> Evaluation:
+             report: bool = True, seeds: int = 3, show_progress: bool = True,
+             allow_trained: bool = False) -> Evaluation:
     """Evaluate base and tuned on the same held-out clips; write the JSON (default RUN/evaluation.json)
-    and the report (RUN/evaluation/index.html). `source`: the run's runtime and adapter, by default
-    as the run recorded them. Every argument and output is checked before any model loads."""
-    if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
-        raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, not {seeds}")
-    started = time.perf_counter()
+    and the report beside it (RUN/evaluation/index.html). `source`: the run's runtime and adapter,
+    by default as the run recorded them. Every argument and output is checked before any model
+    loads; the run is locked against `train` meanwhile (other readers may share it), and the JSON
+    and its report against a second evaluation writing them."""
+    check_scoring(lora_scales, seeds)
     run = Path(run)
     out = check_evaluation_target(Path(out) if out is not None else run / "evaluation.json")
+    pages = check_report_folder(report_folder(out)) if report else None
     adapters = kept_adapters(run) if checkpoints else {}
     if checkpoints and not adapters:
         raise UserError(f"--checkpoints: {run} keeps no checkpoint or best adapter to score")
-    if report and not os.access(run, os.W_OK):
-        raise OutputError(f"{run}: cannot write the report folder there")
+    with folder_lock(run, "evaluate", shared=True), folder_lock(out, "evaluate"):
+        return _evaluate(run, source, features, ids or [], sampling, lora_scales, batch_size, out, pages, adapters,
+                         seeds, show_progress, allow_trained)
+
+
+def _evaluate(run: Path, source: ModelSource | None, features: Path | None, ids: list[str], sampling: SamplingSettings,
+              lora_scales: tuple[float, ...], batch_size: int, out: Path, pages: Path | None, adapters: dict[str, Path],
+              seeds: int, show_progress: bool, allow_trained: bool) -> Evaluation:
+    started = time.perf_counter()
     source = source or resolve_source(run=run)
     runtime = source.runtime
-    clips, where = held_out_clips(run, features, ids or [], runtime)
-    base = ModelSource(runtime).load()
-    decoder = AudioDecoder(runtime)
-    expected = {"variant": runtime.variant, "profile": runtime.profile}
-    result = Evaluation(runtime.variant, where, list(clips.ids), asdict(sampling), seeds, len(set(clips.groups)))
-    real_mels, real_waves = real_audio(clips, decoder, batch_size)
-
-    from tqdm import tqdm
-
-    with tqdm(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
-              disable=not show_progress) as progress:
-        outputs = {"base": score(base, clips, decoder, sampling, seeds, batch_size, real_mels, progress)}
-        for scale in lora_scales:
-            network = merge_adapter(copy.deepcopy(base), source.adapter, scale, expected)
-            outputs[f"scale {scale:g}"] = score(network, clips, decoder, sampling, seeds, batch_size, real_mels,
-                                                progress)
-    working = [s for s in lora_scales if not outputs[f"scale {s:g}"].failed]
-    if len(lora_scales) > 1:
-        result.scales = {f"{s:g}": ({"failed": True} if outputs[f"scale {s:g}"].failed else
-                                    {"val_flow_loss": outputs[f"scale {s:g}"].mean("flow_loss"),
-                                     "mel_l1": outputs[f"scale {s:g}"].mean("mel_l1"),
-                                     "desync": outputs[f"scale {s:g}"].mean("desync")}) for s in lora_scales}
-    result.lora_scale = min(working, key=lambda s: outputs[f"scale {s:g}"].mean("flow_loss")) if working else None
-    outputs["tuned"] = outputs[f"scale {(result.lora_scale if working else lora_scales[0]):g}"]
-    _summarise(result, outputs, real_waves, clips, decoder)
-    for name, folder in adapters.items():
-        network = merge_adapter(copy.deepcopy(base), folder, 1.0, expected).to(runtime.torch_device)
-        result.checkpoints[name] = float(_flow_losses(runtime, network, clips, batch_size, sampling.seed).mean())
-    if report:
+    clips, where, notes = held_out_clips(run, features, ids, runtime, allow_trained)
+    scored = score_held_out(source, clips, where, notes, sampling, lora_scales, seeds, batch_size, show_progress)
+    result = scored.result
+    if adapters:
+        base = ModelSource(runtime).load()
+        for name, folder in adapters.items():
+            network = merge_adapter(copy.deepcopy(base), folder, 1.0,
+                                    {"variant": runtime.variant, "profile": runtime.profile}).to(runtime.torch_device)
+            result.checkpoints[name] = float(_flow_losses(runtime, network, clips, batch_size, sampling.seed).mean())
+    if pages is not None:
         folders = [features] if features is not None else read_run_config(run)["features"]
-        write_report(run / "evaluation", result, (real_mels, real_waves), {name: outputs[name] for name in MODELS},
-                     decoder.sampling_rate, runtime.sequence().hop_length, _source_videos(clips, folders),
+        write_report(pages, run, result, (scored.real.mels, scored.real.waves),
+                     {name: scored.outputs[name] for name in MODELS}, AudioDecoder(runtime).sampling_rate,
+                     runtime.sequence().hop_length, _source_videos(clips, folders),
                      {k: v for folder in folders for k, v in feature_labels(folder).items()})
     result.seconds = time.perf_counter() - started
     atomic_write_text(out, result.to_json())
     return result
 
 
-def _summarise(result: Evaluation, outputs: dict[str, Scores], real_waves: dict[str, torch.Tensor],
-               clips: FeatureSet, decoder: AudioDecoder) -> None:
-    """Means, per-clip values, paired differences and their intervals, the real audio's DeSync."""
-    runtime, scorer = decoder.runtime, decoder.runtime.sync_scorer()
-    real_desync = {clip_id: clip_desync(scorer, clips.tensors["sync_features"][n], real_waves[clip_id],
-                                        decoder.sampling_rate, float(clips.tensors["duration_sec"][n]), runtime)
+def check_scoring(lora_scales: tuple[float, ...], seeds: int) -> None:
+    if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
+        raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, not {seeds}")
+
+
+def summarise(result: Evaluation, outputs: dict[str, Scores], real: RealAudio, clips: FeatureSet,
+              judges: Judges, rate: int) -> None:
+    """Means, per-clip values, the real audio's DeSync, the tests over sources and KAD."""
+    real_desync = {clip_id: judges.desync(clips.tensors["sync_features"][n], real.waves[clip_id], rate,
+                                          float(clips.tensors["duration_sec"][n]))
                    for n, clip_id in enumerate(clips.ids)}
+    differences = {}
     for metric in METRICS:
         summary = result.summary(metric)
         per_clip = {clip_id: {name: outputs[name].per_clip[metric][clip_id] for name in MODELS} for clip_id in clips.ids}
@@ -285,15 +419,30 @@ def _summarise(result: Evaluation, outputs: dict[str, Scores], real_waves: dict[
                 per_clip[clip_id]["real"] = real_desync[clip_id]
             values = [v for v in real_desync.values() if not math.isnan(v)]
             summary["real"] = sum(values) / len(values) if values else math.nan
+        if metric == "kl_passt" and judges.passt is None:
+            continue
         for name in MODELS:
             summary[name] = math.nan if name == "tuned" and result.failed else outputs[name].mean(metric)
         result.per_clip[metric] = per_clip
-        differences = [v["tuned"] - v["base"] for v in per_clip.values()
-                       if math.isfinite(v["tuned"]) and math.isfinite(v["base"])]
-        result.delta[metric] = sum(differences) / len(differences) if differences and not result.failed else math.nan
-        interval = None if result.failed else bootstrap_interval(differences)
-        result.ci95[metric] = list(interval) if interval else None
+        if not result.failed:
+            differences[metric] = differences_of(per_clip)
+    result.metrics = judge(differences, result.group_of)
     result.per_clip_mel_l1 = result.per_clip["mel_l1"]
+    if judges.passt is not None and not result.failed:
+        for name in MODELS:
+            value, interval = kad_by_source(real.embeddings, outputs[name].embeddings, result.group_of)
+            result.kad_passt[name], result.kad_passt[f"{name}_ci95"] = value, interval
+
+
+def explore(tuned: Scores, base: Scores, group_of: dict[str, str]) -> dict:
+    """One strength of a sweep, outside the verdict: its means and its own tests against the base
+    (Holm across its metrics), or failed."""
+    if tuned.failed:
+        return {"failed": True}
+    metrics = [m for m in METRICS if any(not math.isnan(v) for v in tuned.per_clip[m].values())]
+    tests = judge({m: {c: tuned.per_clip[m][c] - base.per_clip[m][c] for c in tuned.per_clip[m]} for m in metrics},
+                  group_of)
+    return {"mean": {m: tuned.mean(m) for m in metrics}, "tests": tests}
 
 
 def _source_videos(clips: FeatureSet, folders: list) -> dict[str, dict]:

@@ -1,28 +1,32 @@
-"""The evaluation report: RUN/evaluation/index.html, a page that opens offline in any browser.
+"""The reports: pages that open offline in any browser, no script and nothing fetched.
 
-Per held-out clip: id and caption, a strip of its picture, players for the real audio (decoded
-from the stored latent, as the metrics see it), the base model and the fine-tune, its log-mel L1
-and DeSync, and the three log-mel spectrograms on one colour scale. Then the training curves (best
-step marked, kept checkpoints when evaluated), the metric table with the intervals, the verdict and
-what it rests on. Plots by matplotlib, audio as wav files beside the page, every link URL-encoded
-(clip ids may hold `#` or `?`), no script and nothing fetched from the network.
-
-It reads the evaluation's result as given (generate/evaluate.py calls it; it imports nothing back).
+- evaluate: RUN/evaluation/index.html. The verdict and what it rests on, the metric table (each row
+  with its interval over sources, its Holm-adjusted p, its own clip and source counts), what each
+  metric measures, KAD, the strengths explored; the training curves (the kept adapters' flow loss
+  drawn as the different measure it is); per held-out clip its id and caption, a strip of its
+  picture, players for the real audio (decoded from the stored latent, as the metrics see it), the
+  base model and the fine-tune, its metrics and the three log-mel spectrograms on one colour scale.
+- crossval: RUN/crossval/index.html. The pooled verdict and table, the suggested step count, the
+  per-source and per-clip values, and each fold's curves.
+Plots by matplotlib, audio as wav files beside the page, every link URL-encoded (clip ids may
+hold `#` or `?`). It reads the results as given (generate/verdict.py's types; it imports nothing
+of the evaluation itself).
 """
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 import re
-import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 import torch
 
-from shared.outputs import replace_folder
+from generate.verdict import MEANINGS, METRICS, MODELS, kad_line, number, short_cells
+from shared.outputs import OutputError, folder_kind, mark_folder, replace_folder
+from shared.run_record import read_metrics_log
 
 log = logging.getLogger(__name__)
 STRIP_FRAMES = 4
@@ -77,43 +81,44 @@ def _strip(path: Path, source: dict) -> bool:
     return True
 
 
-def _curves(path: Path, run: Path, checkpoints: dict[str, float]) -> bool:
-    """Training and validation loss over steps, the best step marked; False without metrics."""
-    metrics_file = run / "metrics.jsonl"
-    if not metrics_file.is_file():
+def _curves(path: Path, run: Path, checkpoints: dict[str, float], title: str = "") -> bool:
+    """Training, validation (and tuning) loss over steps, the best step marked, the kept adapters'
+    flow loss as its own series; False without metrics."""
+    records = read_metrics_log(run)
+    if not records:
         return False
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(8, 3.2), constrained_layout=True)
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    train, val, tuning = series("train_loss"), series("val_loss"), series("tuning_loss")
     if train:
         axis.plot(*zip(*train), label="training loss", color="tab:blue", alpha=0.6)
     if val:
-        axis.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", markersize=3)
-        best_step, best_loss = min(val, key=lambda point: point[1])
+        axis.plot(*zip(*val), label="validation loss (held-out sources)", color="tab:orange", marker="o",
+                  markersize=3)
+    if tuning:
+        axis.plot(*zip(*tuning), label="tuning loss (the run's choices)", color="tab:purple", marker="s",
+                  markersize=3)
+    chosen = tuning or val
+    if chosen:
+        best_step, best_loss = min(chosen, key=lambda point: point[1])
         axis.axvline(best_step, color="tab:green", linestyle="--", label=f"best: step {best_step} ({best_loss:.4f})")
     points = [(int(m.group(1)), loss) for name, loss in checkpoints.items()
               if (m := re.search(r"step[- ](\d+)", name))]
     if points:
-        axis.scatter(*zip(*points), color="tab:red", zorder=3, label="kept adapters (held-out clips)")
+        axis.scatter(*zip(*points), color="tab:red", marker="x", zorder=3,
+                     label="kept adapters: evaluate's flow loss at the full window (another measure)")
     axis.set_xlabel("step")
     axis.set_ylabel("flow-matching loss")
-    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=7)
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return True
-
-
-def number(value: float | None) -> str:
-    """A metric as the table and the page print it: 'n/a' where it has no finite value."""
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def change(base: float | None, tuned: float | None) -> str:
-    if base is None or tuned is None or not (math.isfinite(base) and math.isfinite(tuned)) or not base:
-        return "n/a"
-    return f"{100 * (tuned - base) / base:+.1f}%"
 
 
 def _link(name: str) -> str:
@@ -121,37 +126,59 @@ def _link(name: str) -> str:
     return html.escape(quote(name), quote=True)
 
 
-def _metric_rows(result) -> str:
-    return "\n".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                     for row in result.rows())
+def _table(header: list[str], rows: list[tuple], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "\n".join(f"<tr{f' class={css}' if css else ''}>" + "".join(f"<td>{html.escape(str(cell))}</td>"
+                                                                       for cell in row) + "</tr>"
+                     for row, css in zip(rows, classes or [""] * len(rows)))
+    return f"<table><tr>{head}</tr>\n{body}</table>"
+
+
+METRIC_HEADER = ["metric (lower is better)", "base", "tuned", "change", "tuned − base [95 % interval]",
+                 "p (Holm)", "clips / sources", "assessment"]
+
+
+def _summary(result) -> str:
+    """The verdict, what it rests on, the notes, the table, what each metric measures and KAD."""
+    notes = "".join(f'<p class="note">{html.escape(note)}</p>' for note in result.notes)
+    meanings = "".join(f"<li><b>{html.escape(METRICS[metric])}</b>: {html.escape(text)}.</li>"
+                       for metric, text in MEANINGS.items())
+    kad = f"<p>{html.escape(kad_line(result.kad_passt))}</p>" if result.kad_passt else ""
+    return (f"<p><b>{html.escape(result.verdict())}</b></p><p>It rests on {html.escape(result.basis())}.</p>{notes}"
+            f"{_table(METRIC_HEADER, result.rows())}<ul>{meanings}</ul>{kad}{_scale_rows(result)}")
 
 
 def _scale_rows(result) -> str:
     if not result.scales:
         return ""
-    rows = "\n".join(
-        f"<tr class=failed><td>{html.escape(scale)}</td><td colspan=3>failed: not finite</td></tr>" if v.get("failed")
-        else f"<tr{' class=best' if float(scale) == result.lora_scale else ''}><td>{html.escape(scale)}</td>"
-             f"<td>{number(v['val_flow_loss'])}</td><td>{number(v['mel_l1'])}</td><td>{number(v['desync'])}</td></tr>"
-        for scale, v in result.scales.items())
-    best = ("none: every strength failed" if result.lora_scale is None
-            else f"<b>{result.lora_scale:g}</b> (the 'tuned' model everywhere on this page)")
-    return (f"<h2>Adapter strength</h2><p>Best by validation flow loss: {best}.</p>"
-            "<table><tr><th>scale</th><th>validation flow loss</th><th>log-mel L1</th><th>DeSync (s)</th></tr>"
-            f"{rows}</table>")
+    rows, classes = [], []
+    for scale, values in result.scales.items():
+        if values.get("failed"):
+            rows.append((scale, *["failed: not finite"] + [""] * (len(METRICS) - 1)))
+            classes.append("failed")
+        else:
+            rows.append((scale, *[f"{number(values['mean'].get(m))} (Δ {short_cells(values['tests'].get(m))})"
+                                  for m in METRICS]))
+            classes.append("best" if float(scale) == result.lora_scale else "")
+    judged = ("none: the strength judged failed" if result.lora_scale is None
+              else f"the verdict above is for {result.lora_scale:g} (the 'tuned' model on this page)")
+    return ("<h2>Adapter strengths (exploratory)</h2><p>Each strength with its own interval and p-value against "
+            f"the base; {judged}. Picking the best of several strengths on these clips is optimistic: its interval "
+            "no longer means what it says.</p>"
+            + _table(["scale", *[METRICS[m] for m in METRICS]], rows, classes))
 
 
 def _checkpoint_rows(result) -> str:
     if not result.checkpoints:
         return ""
-    rows = "\n".join(f"<tr><td>{html.escape(name)}</td><td>{number(loss)}</td></tr>"
-                     for name, loss in result.checkpoints.items())
-    return ("<h2>Kept adapters</h2><p>Validation flow loss on the held-out clips.</p>"
-            f"<table><tr><th>adapter</th><th>validation flow loss</th></tr>{rows}</table>")
+    return ("<h2>Kept adapters (exploratory)</h2><p>Evaluate's validation flow loss on the held-out clips at the "
+            "full window; choosing a checkpoint by it makes the comparison above optimistic.</p>"
+            + _table(["adapter", "validation flow loss"], [(name, number(loss))
+                                                            for name, loss in result.checkpoints.items()]))
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Evaluation: {title}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{heading}: {title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
@@ -164,27 +191,50 @@ tr.failed {{ color: #a00; }}
 .players div {{ display: flex; flex-direction: column; }}
 .note {{ color: #777; font-style: italic; }}
 </style></head><body>
-<h1>Base model against the fine-tune</h1>
-<p><b>{verdict}</b></p>
-<p>It rests on {basis}.</p>
-<p>{variant}; clips from {held_out}; {sampling}.</p>
-<table><tr><th>metric (lower is better)</th><th>base</th><th>tuned</th><th>change</th>
-<th>tuned − base [95 % interval]</th><th>assessment</th></tr>
-{metrics}
-</table>
-{scales}
-<h2>Training</h2>
-{curves}
-{checkpoints}
-<h2>Clips</h2>
-{clips}
+<h1>{heading}</h1>
+<p>{context}</p>
+{body}
 </body></html>
 """
 
 
-def write_report(folder: Path, result, real: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+def _context(result) -> str:
+    sampling = result.sampling
+    return (f"{html.escape(result.variant)}; clips from {html.escape(result.held_out)}; {sampling['steps']} Euler "
+            f"steps, CFG {sampling['cfg_strength']:g}, seeds from {sampling['seed']}.")
+
+
+def _staging(folder: Path, subfolders: tuple[str, ...]) -> Path:
+    """A new folder of this report's own beside `folder` (two evaluations never share one), marked."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    mark_folder(staging, "report")
+    for sub in subfolders:
+        (staging / sub).mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def report_folder(json_path: Path) -> Path:
+    """Where a report goes: beside its JSON, named after it (RUN/evaluation.json → RUN/evaluation/)."""
+    json_path = Path(json_path)
+    return json_path.with_suffix("") if json_path.suffix == ".json" else json_path.with_name(json_path.name + "_report")
+
+
+def check_report_folder(folder: Path) -> Path:
+    """A report may replace only an earlier report of ours (or, from before reports were marked, a
+    run's own evaluation/ folder); anything else there is refused before any work."""
+    folder = Path(folder)
+    if folder.exists():
+        legacy = folder.name in ("evaluation", "crossval") and folder_kind(folder.parent) in ("run", "crossval")
+        if not folder.is_dir() or not (folder_kind(folder) == "report" or legacy):
+            raise OutputError(f"{folder}: the report would replace it, and it is not a report of mmaudio-lora; "
+                              "choose another --out")
+    return folder
+
+
+def write_report(folder: Path, run: Path, result, real: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
                  generated: dict, rate: int, hop: int, sources: dict[str, dict], captions: dict[str, str]) -> Path:
-    """Write the report folder (replaced whole, atomically) and return its index.html.
+    """Write the evaluation's report folder (replaced whole, atomically) and return its index.html.
 
     `real`: each clip's real log-mel and waveform; `generated`: base and tuned, each with `.mels`
     and `.audio` by clip; `sources`: where each clip came from (video, start_sec, end_sec), when
@@ -192,10 +242,7 @@ def write_report(folder: Path, result, real: tuple[dict[str, torch.Tensor], dict
     from shared.media import write_wav
 
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's files never reach the new report
-    for sub in ("audio", "images"):
-        (staging / sub).mkdir(parents=True, exist_ok=True)
+    staging = _staging(folder, ("audio", "images"))
     real_mels, real_audio = real
     sections = []
     for clip_id in result.clips:
@@ -219,25 +266,77 @@ def write_report(folder: Path, result, real: tuple[dict[str, torch.Tensor], dict
                        f'src="{_link(f"images/{clip_id}_frames.png")}">')
         else:
             picture = '<p class="note">No picture: the feature folder does not point to a readable source video.</p>'
-        distances, offsets = result.per_clip["mel_l1"][clip_id], result.per_clip["desync"][clip_id]
         sections.append(
             f'<div class="clip"><h3>{html.escape(clip_id)}</h3><p>{html.escape(captions.get(clip_id, ""))}</p>'
-            f"{picture}<div class=players>{''.join(players)}</div>"
-            f'<p>log-mel L1: base {number(distances["base"])}, tuned {number(distances["tuned"])}. '
-            f'DeSync (s): real {number(offsets["real"])}, base {number(offsets["base"])}, '
-            f'tuned {number(offsets["tuned"])}{" (the clip is under 4.8 s)" if math.isnan(offsets["real"]) else ""}.</p>'
+            f"{picture}<div class=players>{''.join(players)}</div><p>{_clip_values(result, clip_id)}</p>"
             f'<img alt="log-mel spectrograms of {html.escape(clip_id)}" src="{_link(f"images/{clip_id}_mel.png")}"></div>')
-    run = folder.parent
     curves = ('<img alt="training curves" src="images/curves.png">' if _curves(staging / "images" / "curves.png", run,
                                                                               result.checkpoints)
               else '<p class="note">No metrics.jsonl in the run folder.</p>')
-    sampling = result.sampling
-    page = PAGE.format(
-        title=html.escape(str(run)), verdict=html.escape(result.verdict()), basis=html.escape(result.basis()),
-        variant=html.escape(result.variant), held_out=html.escape(result.held_out),
-        sampling=f"{sampling['steps']} Euler steps, CFG {sampling['cfg_strength']:g}, seeds from {sampling['seed']}",
-        metrics=_metric_rows(result), scales=_scale_rows(result), curves=curves,
-        checkpoints=_checkpoint_rows(result), clips="\n".join(sections))
+    body = (f"{_summary(result)}<h2>Training</h2>{curves}{_checkpoint_rows(result)}<h2>Clips</h2>"
+            + "\n".join(sections))
+    page = PAGE.format(heading="Base model against the fine-tune", title=html.escape(str(run)),
+                       context=_context(result), body=body)
     (staging / "index.html").write_text(page, encoding="utf-8")
     replace_folder(staging, folder)
     return folder / "index.html"
+
+
+def _clip_values(result, clip_id: str) -> str:
+    """One clip's metrics, base and tuned (DeSync with the real audio's floor)."""
+    parts = []
+    for metric, name in METRICS.items():
+        values = result.per_clip.get(metric, {}).get(clip_id)
+        if values is None:
+            continue
+        real = f"real {number(values['real'])}, " if "real" in values else ""
+        short = " (the clip is under 4.8 s)" if metric == "desync" and math.isnan(values.get("real", 0.0)) else ""
+        parts.append(f"{html.escape(name)}: {real}base {number(values['base'])}, tuned {number(values['tuned'])}"
+                     f"{short}")
+    return ". ".join(parts) + "."
+
+
+def write_crossval_report(folder: Path, result) -> Path:
+    """The cross-validation's page (replaced whole, atomically): the pooled verdict and table, the
+    step advice, values per source and per clip, and each fold's curves."""
+    folder = Path(folder)
+    staging = _staging(folder, ("images",))
+    folds = []
+    for k, fold in enumerate(result.folds):
+        image = f"images/fold-{k}.png"
+        title = f"fold {k}: held out {', '.join(fold['val_groups'])}"
+        drawn = _curves(staging / image, Path(fold["run"]), {}, title)
+        folds.append(f'<img alt="{html.escape(title)}" src="{_link(image)}">' if drawn
+                     else f'<p class="note">{html.escape(title)}: no metrics.jsonl.</p>')
+    per_source = _table(["source", "clips", *[f"{METRICS[m]}: tuned − base" for m in result.metrics]],
+                        _source_rows(result))
+    per_clip = _table(["clip", "source", *[f"{METRICS[m]} (base → tuned)" for m in result.metrics]],
+                      [(clip, result.group_of.get(clip, clip),
+                        *[_pair(result.per_clip[m].get(clip, {})) for m in result.metrics]) for clip in result.clips])
+    body = (f"{_summary(result)}<p>{html.escape(result.steps_advice())}</p><h2>Per source</h2>{per_source}"
+            f"<h2>Per clip</h2>{per_clip}<h2>Folds</h2>{''.join(folds)}")
+    page = PAGE.format(heading="Cross-validation by source: base model against the fine-tune",
+                       title=html.escape(str(folder.parent)), context=_context(result), body=body)
+    (staging / "index.html").write_text(page, encoding="utf-8")
+    replace_folder(staging, folder)
+    return folder / "index.html"
+
+
+def _pair(values: dict) -> str:
+    return f"{number(values.get('base'))} → {number(values.get('tuned'))}"
+
+
+def _source_rows(result) -> list[tuple]:
+    """Per source: its clip count and, per metric, the mean difference of its clips (what the test uses)."""
+    sources: dict[str, list[str]] = {}
+    for clip in result.clips:
+        sources.setdefault(result.group_of.get(clip, clip), []).append(clip)
+    rows = []
+    for source, clips in sorted(sources.items()):
+        cells = []
+        for metric in result.metrics:
+            values = [result.per_clip[metric][c][MODELS[1]] - result.per_clip[metric][c][MODELS[0]] for c in clips]
+            finite = [v for v in values if math.isfinite(v)]
+            cells.append(number(sum(finite) / len(finite)) if finite else "n/a")
+        rows.append((source, len(clips), *cells))
+    return rows

@@ -1,8 +1,25 @@
-"""What the evaluation's numbers say: per metric, the mean of the per-clip differences (tuned -
-base, each clip averaged over the seeds) with a 95 % bootstrap interval over the clips, and a
-verdict that calls a metric better or worse only when its interval excludes zero. Every metric is
-lower-is-better. The result, as a table, a verdict and strict JSON (a value that is not finite is
-null, never a bare NaN).
+"""What the evaluation's numbers say, at the scale users have: a few source videos, each cut into
+several correlated segments.
+
+The unit of evidence is the source video, not the clip: segments of one commercial share its music
+and its voice, so their differences are not independent, and an interval over clips calls chance a
+finding (25-50 % of the time at 1-3 held-out commercials). So, per metric:
+- each clip's difference tuned − base (averaged over seeds) is averaged within its source (a clip
+  without a value, e.g. DeSync under 4.8 s, is left out and counted);
+- the mean over sources is tested with an exact sign-flip permutation test, two-sided (under no
+  difference each source's mean is as likely positive as negative): all 2^G sign patterns up to
+  G = 20 sources, a seeded Monte Carlo of 50 000 patterns beyond;
+- the 95 % interval is Student's t over the source means (a bootstrap over 6-16 sources is too
+  narrow);
+- the p-values of the metrics of one verdict are adjusted by Holm's step-down method, so the chance
+  of calling any metric better or worse when none differs stays at or below 5 %;
+- a metric is "better" or "worse" only where its Holm-adjusted p < 0.05, "no clear difference"
+  otherwise, and "too few sources" where no outcome could be called: the smallest two-sided p an
+  exact sign-flip test can reach over G sources is 2/2^G (0.0625 at 5, so at least 6 sources for
+  one metric), and Holm multiplies the smallest of m p-values by m (with four metrics, 4·2/2^7 =
+  0.0625: at least 8 sources).
+Every metric is lower-is-better. The result: tests, a verdict sentence, a table and strict JSON (a
+value that is not finite is null, never a bare NaN).
 """
 from __future__ import annotations
 
@@ -12,32 +29,201 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from generate.report import change, number as _number
+from shared.run_record import finite_or_none
+
+
+ALPHA = 0.05
+MIN_SOURCES = 6  # fewer: an exact two-sided test at ALPHA cannot reject (2 / 2^5 = 0.0625)
+
+
+def sources_needed(family: int) -> int:
+    """The fewest sources at which one of `family` Holm-adjusted sign-flip tests can reach p < ALPHA."""
+    sources = MIN_SOURCES
+    while max(family, 1) * 2.0 ** (1 - sources) >= ALPHA:
+        sources += 1
+    return sources
+EXACT_UP_TO = 20  # sources: all 2^G sign patterns; beyond, a seeded Monte Carlo
+MONTE_CARLO_DRAWS = 50_000
+MONTE_CARLO_SEED = 0
 
 MODELS = ("base", "tuned")
-METRICS = {"flow_loss": "validation flow loss", "mel_l1": "log-mel L1 to the real audio", "desync": "DeSync (s)"}
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
+METRICS = {"flow_loss": "validation flow loss", "mel_l1": "log-mel L1 to the real audio", "desync": "DeSync (s)",
+           "kl_passt": "KL_PaSST (real ‖ generated)"}
+# What each metric measures, in one sentence (the report and the README say it under the table).
+MEANINGS = {
+    "flow_loss": "the training objective on held-out clips, with fixed noise and times",
+    "mel_l1": "how far the generated spectrogram is from the real one, frame by frame",
+    "desync": "sync: how far the audio is out of step with the picture (av-benchmark's DeSync)",
+    "kl_passt": "the kind of sound: how differently PaSST's 527 AudioSet classes read the generated and the "
+                "real audio of each clip (av-benchmark's KL_PaSST)",
+}
 
 
-def bootstrap_interval(differences: list[float]) -> tuple[float, float] | None:
-    """95 % percentile-bootstrap interval of the mean over clips (fixed resampling seed); None
-    below two clips, where an interval says nothing."""
-    values = np.asarray(differences, dtype=np.float64)
+def number(value: float | None) -> str:
+    """A metric as the table and the page print it: 'n/a' where it has no finite value."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"  # KL_PaSST can be ~1e-5
+
+
+def change(base: float | None, tuned: float | None) -> str:
+    if base is None or tuned is None or not (math.isfinite(base) and math.isfinite(tuned)) or not base:
+        return "n/a"
+    return f"{100 * (tuned - base) / base:+.1f}%"
+
+
+# -- the test over sources ---------------------------------------------------------------------------
+
+def sign_flip_p_value(values: list[float] | np.ndarray) -> float:
+    """Two-sided p of the mean of `values` under sign symmetry: the share of sign patterns whose
+    |sum| is at least the observed one (exact up to EXACT_UP_TO values; the observed pattern counts)."""
+    values = np.asarray(values, dtype=np.float64)
+    count = len(values)
+    observed = abs(values.sum())
+    slack = 1e-9 * max(np.abs(values).sum(), 1e-300)  # ties in floating point count as ties
+    if count <= EXACT_UP_TO:
+        bits = np.arange(count)
+        extreme, chunk = 0, 1 << 16
+        for start in range(0, 1 << count, chunk):
+            patterns = np.arange(start, min(start + chunk, 1 << count))[:, None]
+            signs = 1.0 - 2.0 * ((patterns >> bits) & 1)
+            extreme += int((np.abs(signs @ values) >= observed - slack).sum())
+        return extreme / (1 << count)
+    signs = np.random.default_rng(MONTE_CARLO_SEED).choice([-1.0, 1.0], size=(MONTE_CARLO_DRAWS, count))
+    extreme = int((np.abs(signs @ values) >= observed - slack).sum())
+    return (extreme + 1) / (MONTE_CARLO_DRAWS + 1)
+
+
+def t_interval(values: list[float] | np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean; None below two values."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return None
-    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
-    low, high = np.percentile(values[draws].mean(axis=1), [2.5, 97.5])
-    return float(low), float(high)
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
 
 
-def assessment(interval: tuple[float, float] | None) -> str:
-    """Lower is better for every metric: 'better' only when the whole interval is below zero."""
-    if interval is None:
+@dataclass
+class PairedTest:
+    """One metric's paired comparison over sources (differences are tuned − base)."""
+
+    delta: float | None  # the mean over sources of each source's mean difference
+    ci95: list[float] | None  # 95 % t interval over sources
+    p_value: float | None  # sign-flip test over sources, two-sided
+    groups: int  # sources with a finite difference
+    clips: int  # clips with a finite difference
+    left_out: int = 0  # clips without a value (n/a)
+    p_holm: float | None = None  # adjusted across the metrics of one verdict
+    assessment: str = "n/a"
+
+
+def paired_test(differences: dict[str, float], group_of: dict[str, str]) -> PairedTest:
+    """The test of `differences` ({clip: tuned − base}) over the sources `group_of` names
+    ({clip: source}; a clip it lacks is its own source). Not-finite values are left out and counted.
+    The assessment is set from the unadjusted p; `judge` sets it from Holm's."""
+    finite = {clip: value for clip, value in differences.items() if math.isfinite(value)}
+    by_source: dict[str, list[float]] = {}
+    for clip, value in finite.items():
+        by_source.setdefault(group_of.get(clip, clip), []).append(value)
+    means = np.array([np.mean(values) for values in by_source.values()])
+    test = PairedTest(float(means.mean()) if len(means) else None,
+                      list(interval) if (interval := t_interval(means)) else None,
+                      sign_flip_p_value(means) if len(means) else None,
+                      len(means), len(finite), len(differences) - len(finite))
+    test.assessment = assessment(test, test.p_value)
+    return test
+
+
+def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm's step-down adjustment of the p-values of one family (None stays None)."""
+    known = sorted((p, name) for name, p in p_values.items() if p is not None)
+    adjusted, running = {}, 0.0
+    for rank, (p, name) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[name] = running
+    return {name: adjusted.get(name) for name in p_values}
+
+
+def assessment(test: PairedTest, p: float | None, family: int = 1) -> str:
+    """`family`: how many p-values share the Holm adjustment (the metrics of one verdict)."""
+    if test.groups == 0 or test.delta is None:
         return "n/a"
-    low, high = interval
-    return "better" if high < 0 else "worse" if low > 0 else "no clear difference"
+    if test.groups < sources_needed(family) and test.groups <= EXACT_UP_TO:
+        return "too few sources"
+    if p is not None and p < ALPHA and test.delta != 0:
+        return "better" if test.delta < 0 else "worse"
+    return "no clear difference"
 
+
+def judge(differences: dict[str, dict[str, float]], group_of: dict[str, str]) -> dict[str, PairedTest]:
+    """Every metric's test ({metric: {clip: tuned − base}}), Holm-adjusted across the metrics."""
+    tests = {metric: paired_test(values, group_of) for metric, values in differences.items()}
+    family = sum(test.p_value is not None for test in tests.values())
+    for metric, p in holm({metric: test.p_value for metric, test in tests.items()}).items():
+        tests[metric].p_holm = p
+        tests[metric].assessment = assessment(tests[metric], p, family)
+    return tests
+
+
+def differences_of(per_clip: dict[str, dict[str, float]], tuned: str = "tuned") -> dict[str, float]:
+    """{clip: tuned − base} from {clip: {model: value}} (NaN where either is missing)."""
+    return {clip: values.get(tuned, math.nan) - values.get("base", math.nan) for clip, values in per_clip.items()}
+
+
+# -- what a set of tests says --------------------------------------------------------------------------
+
+def verdict_sentence(tests: dict[str, PairedTest], names: dict[str, str]) -> str:
+    found = {names[metric]: test.assessment for metric, test in tests.items()}
+    better = [name for name, verdict in found.items() if verdict == "better"]
+    worse = [name for name, verdict in found.items() if verdict == "worse"]
+    unclear = [name for name, verdict in found.items() if verdict == "no clear difference"]
+    few = [name for name, verdict in found.items() if verdict == "too few sources"]
+    if few and not (better or worse or unclear):
+        sources = max(test.groups for test in tests.values())
+        family = sum(test.p_value is not None for test in tests.values())
+        return (f"Too few source videos to tell: the clips come from {sources} source"
+                f"{'s' if sources != 1 else ''}, and with {family} metric{'s' if family != 1 else ''} tested at 5 % "
+                f"(Holm) a verdict needs at least {sources_needed(family)}. The numbers are descriptive; "
+                "`mmaudio-lora crossval` judges every source with an adapter that never saw it.")
+    if better and worse:
+        head = f"Mixed: the fine-tune is better in {', '.join(better)} and worse in {', '.join(worse)}"
+    elif better or worse:
+        head = f"The fine-tune is {'better' if better else 'worse'} in {', '.join(better or worse)}"
+    elif unclear:
+        head, unclear = "No clear difference between the fine-tune and the base model", []
+    else:
+        return "No metric could be compared (no finite values)."
+    return head + "".join(f"; {label} in {', '.join(found_here)}" for label, found_here in (
+        ("no clear difference", unclear), ("too few sources to tell", few)) if found_here) + "."
+
+
+def basis_sentence(clips: int, sources: int, seeds: int) -> str:
+    """What a verdict rests on, and how it decides."""
+    return (f"{clips} clip{'s' if clips != 1 else ''} from {sources} source video{'s' if sources != 1 else ''}, "
+            f"{seeds} seed{'s' if seeds != 1 else ''} each. Each clip's difference (averaged over the seeds) is "
+            "averaged within its source video, and the mean over sources is tested with an exact sign-flip test; "
+            f"a metric is better or worse only where its p-value, adjusted across the metrics (Holm), is below "
+            f"{ALPHA:g}; with fewer sources than that can reach (6 for one metric, 8 for four) a metric has too few. "
+            "Each row counts its own clips and sources (DeSync leaves out clips under 4.8 s)")
+
+
+def cells_of(test: PairedTest | None) -> tuple[str, str, str, str]:
+    """(tuned − base [interval], p (Holm), clips / sources, assessment) as the table shows them."""
+    if test is None:
+        return "n/a", "n/a", "0 / 0", "n/a"
+    spread = (f"{number(test.delta)} [{number(test.ci95[0])}, {number(test.ci95[1])}]" if test.ci95
+              else number(test.delta))
+    p = "n/a" if test.p_value is None else f"{test.p_value:.3g} ({_number_p(test.p_holm)})"
+    return spread, p, f"{test.clips} / {test.groups}", test.assessment
+
+
+def _number_p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+# -- one evaluation ------------------------------------------------------------------------------------
 
 @dataclass
 class Evaluation:
@@ -47,89 +233,128 @@ class Evaluation:
     sampling: dict
     seeds: int = 1
     sources: int = 0  # source videos the clips come from
+    group_of: dict[str, str] = field(default_factory=dict)  # clip → its source video
     val_flow_loss: dict[str, float] = field(default_factory=dict)  # base, tuned
     mel_l1: dict[str, float] = field(default_factory=dict)
     desync: dict[str, float] = field(default_factory=dict)  # base, tuned, real (the floor)
+    kl_passt: dict[str, float] = field(default_factory=dict)  # base, tuned (empty: PaSST's weights were missing)
+    kad_passt: dict = field(default_factory=dict)  # base, tuned, their intervals over sources (descriptive)
     per_clip_mel_l1: dict[str, dict[str, float]] = field(default_factory=dict)
     per_clip: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # metric → clip → model → value
-    delta: dict[str, float] = field(default_factory=dict)  # metric → mean over clips of (tuned - base)
-    ci95: dict[str, list[float] | None] = field(default_factory=dict)  # metric → its 95 % interval
-    lora_scale: float | None = 1.0  # the strength "tuned" was evaluated at (the best one; None: all failed)
-    scales: dict[str, dict] = field(default_factory=dict)  # several strengths: each one's metrics, or failed
+    metrics: dict[str, PairedTest] = field(default_factory=dict)  # metric → its test over sources
+    lora_scale: float | None = 1.0  # the strength the verdict is for (None: it failed)
+    scales: dict[str, dict] = field(default_factory=dict)  # several strengths: each one's numbers (exploratory)
     checkpoints: dict[str, float] = field(default_factory=dict)  # adapter folder → validation flow loss
+    notes: list[str] = field(default_factory=list)  # what the reader must know (choices made on these clips)
     seconds: float = 0.0
 
     def summary(self, metric: str) -> dict[str, float]:
-        return {"flow_loss": self.val_flow_loss, "mel_l1": self.mel_l1, "desync": self.desync}[metric]
+        return {"flow_loss": self.val_flow_loss, "mel_l1": self.mel_l1, "desync": self.desync,
+                "kl_passt": self.kl_passt}[metric]
 
     @property
     def failed(self) -> bool:
         return self.lora_scale is None
 
+    @property
+    def delta(self) -> dict[str, float | None]:
+        return {metric: test.delta for metric, test in self.metrics.items()}
+
+    @property
+    def ci95(self) -> dict[str, list[float] | None]:
+        return {metric: test.ci95 for metric, test in self.metrics.items()}
+
     def assessment(self, metric: str) -> str:
-        interval = self.ci95.get(metric)
-        return assessment(tuple(interval) if interval else None)
+        return self.metrics[metric].assessment if metric in self.metrics else "n/a"
 
     def basis(self) -> str:
-        """What the verdict rests on."""
-        return (f"{len(self.clips)} held-out clip{'s' if len(self.clips) != 1 else ''} from {self.sources} source "
-                f"video{'s' if self.sources != 1 else ''}, {self.seeds} seed{'s' if self.seeds != 1 else ''} each; "
-                "better or worse only where the 95 % interval of the per-clip differences excludes zero")
+        return basis_sentence(len(self.clips), self.sources, self.seeds)
 
     def verdict(self) -> str:
         if self.failed:
-            return ("The fine-tune failed: its output is not finite at any strength tried (a diverged adapter or an "
+            return ("The fine-tune failed: its output is not finite at the strength judged (a diverged adapter or an "
                     "extreme --lora-scale).")
-        found = {METRICS[metric]: self.assessment(metric) for metric in METRICS}
-        better = [name for name, verdict in found.items() if verdict == "better"]
-        worse = [name for name, verdict in found.items() if verdict == "worse"]
-        unclear = [name for name, verdict in found.items() if verdict == "no clear difference"]
-        rest = f"; no clear difference in {', '.join(unclear)}" if unclear else ""
-        if better and worse:
-            return f"Mixed: the fine-tune is better in {', '.join(better)} and worse in {', '.join(worse)}{rest}."
-        if better or worse:
-            return f"The fine-tune is {'better' if better else 'worse'} in {', '.join(better or worse)}{rest}."
-        return "No clear difference between the fine-tune and the base model on these clips."
+        return verdict_sentence(self.metrics, METRICS)
 
-    def rows(self) -> list[tuple[str, str, str, str, str, str]]:
-        """Per metric: (name, base, tuned, change, tuned - base with its interval, assessment), as
-        the table and the report show them."""
+    def rows(self) -> list[tuple[str, ...]]:
+        """Per metric: (name, base, tuned, change, tuned − base [interval], p (Holm), clips / sources,
+        assessment), as the table and the report show them."""
         rows = []
         for metric, name in METRICS.items():
-            values, interval, delta = self.summary(metric), self.ci95.get(metric), self.delta.get(metric)
-            spread = f"{_number(delta)} [{_number(interval[0])}, {_number(interval[1])}]" if interval else _number(delta)
-            label = f"{name}, real audio {_number(values.get('real'))}" if metric == "desync" else name
-            rows.append((label, _number(values.get("base")), _number(values.get("tuned")),
-                         change(values.get("base"), values.get("tuned")), spread, self.assessment(metric)))
+            values = self.summary(metric)
+            label = f"{name}, real audio {number(values.get('real'))}" if metric == "desync" else name
+            rows.append((label, number(values.get("base")), number(values.get("tuned")),
+                         change(values.get("base"), values.get("tuned")), *cells_of(self.metrics.get(metric))))
         return rows
 
     def table(self) -> str:
-        lines = [f"{'metric (lower is better)':<38}{'base':>9}{'tuned':>9}{'change':>9}  "
-                 f"{'tuned - base [95 % interval]':<32}assessment"]
-        lines += [f"{label:<38}{base:>9}{tuned:>9}{changed:>9}  {spread:<32}{verdict}"
-                  for label, base, tuned, changed, spread, verdict in self.rows()]
+        lines = [table_header()] + [table_line(row) for row in self.rows()]
         if self.scales:
-            chosen = "none: every strength failed" if self.failed else f"{self.lora_scale:g}, the lowest flow loss"
-            lines.append(f"adapter strengths (tuned = {chosen}):")
-            lines += [f"  scale {scale:<6}" + ("failed (not finite)" if v.get("failed") else
-                                                f"{_number(v['val_flow_loss']):>10} flow loss{_number(v['mel_l1']):>10} "
-                                                f"log-mel L1{_number(v['desync']):>8} DeSync")
-                      for scale, v in self.scales.items()]
+            lines.append(f"adapter strengths (exploratory; the verdict is for {self.lora_scale:g}, and picking the best "
+                         "of several is optimistic):" if not self.failed else "adapter strengths (exploratory):")
+            lines += [f"  scale {scale:<6}" + ("failed (not finite)" if v.get("failed") else "  ".join(
+                f"{METRICS[m].split(' to ')[0]} {number(v['mean'].get(m))} (Δ {short_cells(v['tests'].get(m))})"
+                for m in METRICS)) for scale, v in self.scales.items()]
+        if self.kad_passt:
+            lines.append(kad_line(self.kad_passt))
         if self.checkpoints:
-            lines.append("validation flow loss of the kept adapters:")
-            lines += [f"  {name:<28}{_number(loss):>10}" for name, loss in self.checkpoints.items()]
+            lines.append("validation flow loss of the kept adapters (exploratory: chosen on these clips):")
+            lines += [f"  {name:<28}{number(loss):>10}" for name, loss in self.checkpoints.items()]
+        lines += self.notes
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        """The numbers as strict JSON: a value that is not finite is null, never a bare NaN."""
-        return json.dumps(_finite_or_none(asdict(self)), indent=2, allow_nan=False) + "\n"
+        """The numbers as strict JSON: a value that is not finite is null, never a bare NaN. The
+        earlier keys `delta` and `ci95` stay (now over sources), beside `metrics` and `verdict`."""
+        data = asdict(self)
+        data.update(delta=self.delta, ci95=self.ci95, verdict=self.verdict())
+        return json.dumps(finite_or_none(data), indent=2, allow_nan=False) + "\n"
 
 
-def _finite_or_none(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
+@dataclass
+class CrossValidation(Evaluation):
+    """The pooled verdict of a cross-validation: every clip scored by the adapter of the fold that
+    held its source out, tested over all sources."""
+
+    folds: list[dict] = field(default_factory=list)  # each {run, val_groups, val_ids}: the fold's held-out sources
+    steps: int = 0  # the steps each fold trained
+    best_step: int | None = None  # where the folds' pooled validation loss was lowest
+    pooled_val_loss: dict[int, float] = field(default_factory=dict)  # step → clip-weighted mean over the folds
+
+    def basis(self) -> str:
+        return (f"{len(self.folds)} folds; every clip judged by an adapter that never saw its source. "
+                + basis_sentence(len(self.clips), self.sources, self.seeds))
+
+    def steps_advice(self) -> str:
+        if self.best_step is None:
+            return "The folds logged no validation loss: no step count to suggest."
+        return (f"The folds' pooled validation loss was lowest at step {self.best_step} of {self.steps} "
+                f"({number(self.pooled_val_loss.get(self.best_step))}): train the adapter you keep on all clips with "
+                f"`make train STEPS={self.best_step}` (or `mmaudio-lora train ... --steps {self.best_step}`).")
+
+
+def kad_line(kad: dict) -> str:
+    """The set-level distance, descriptive (no verdict): base and tuned with their intervals."""
+    def one(model: str) -> str:
+        interval = kad.get(f"{model}_ci95")
+        return f"{model} {number(kad.get(model))}" + (f" [{number(interval[0])}, {number(interval[1])}]"
+                                                       if interval else "")
+    return (f"KAD_PaSST (x100, generated set against the real set; descriptive, intervals over sources): "
+            f"{one('base')}, {one('tuned')}")
+
+
+def table_header() -> str:
+    return (f"{'metric (lower is better)':<38}{'base':>9}{'tuned':>9}{'change':>9}  {'tuned - base [95 % interval]':<32}"
+            f"{'p (Holm)':<18}{'clips/src':<11}assessment")
+
+
+def table_line(row: tuple[str, ...]) -> str:
+    label, base, tuned, changed, spread, p, counts, verdict = row
+    return f"{label:<38}{base:>9}{tuned:>9}{changed:>9}  {spread:<32}{p:<18}{counts:<11}{verdict}"
+
+
+def short_cells(test: PairedTest | None) -> str:
+    if test is None:
+        return "n/a"
+    spread, p, _, _ = cells_of(test)
+    return f"{spread}, p {p.split(' ')[0]}"

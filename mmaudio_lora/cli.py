@@ -91,11 +91,13 @@ def doctor(
             typer.echo(f"  MISSING  {wf.purpose:<26} {wf.relative_path}  from {wf.url} ({size})  [{needed_by}]")
     typer.echo(f"CUDA: {cuda_status()}")
     typer.echo(f"Licence: {LICENCE_NOTE}")
-    missing = [s for s in statuses if not s.found]
+    missing = [s for s in statuses if not s.found and not s.optional]
     if missing:
         typer.echo(f"{len(missing)} file(s) missing: run `mmaudio-lora download --variant {variant}`.")
         raise typer.Exit(1)
-    typer.echo("All files in place.")
+    optional = [s.weight_file.purpose for s in statuses if not s.found and s.optional]
+    typer.echo("All needed files in place." + (f" Optional and missing: {', '.join(optional)} (evaluate leaves "
+                                                 "its metric out; `mmaudio-lora download` fetches it)." if optional else ""))
 
 
 @app.command()
@@ -163,6 +165,8 @@ def features(
         timings = summary.timings
         typer.echo(f"time: encoding {summary.encoding_seconds:.1f} s, waiting for decoding {timings.get('decode (waited for)', 0.0):.1f} s, "
                    f"loading models {timings.get('load models', 0.0):.1f} s, writing {timings.get('write', 0.0):.1f} s")
+    typer.echo(f"sources: {summary.sources} source video{'s' if summary.sources != 1 else ''} ({summary.grouping}); "
+               "validation holds out whole sources")
     if summary.skipped:
         typer.echo(f"skip report: {out / 'skipped.txt'}")
 
@@ -225,6 +229,66 @@ def train_command(
         typer.echo(f"stopped early: no better validation loss in {settings.early_stopping_patience} validations; "
                    f"adapter/ holds the best one (step {result.best_step})")
     typer.echo(f"adapter: {run / 'adapter'}; metrics: {run / 'metrics.jsonl'}")
+
+
+@app.command("crossval")
+def crossval_command(
+    features: list[Path] = typer.Option(..., "--features", help="Feature folder(s) from `mmaudio-lora features`."),
+    run: Path = typer.Option(..., "--run", "--run-dir", help="Cross-validation folder: fold-k/ runs, crossval.json, "
+                             "the report crossval/index.html."),
+    folds: int = typer.Option(4, min=2, help="Folds of whole source videos (at most the number of sources)."),
+    profile: Optional[str] = typer.Option(None, help="real or tiny [default: real]."),
+    variant: Optional[str] = typer.Option(None, help=VARIANT_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, help="Official network file (mmaudio_*.pth); real profile."),
+    steps: Optional[int] = typer.Option(None, help="Training steps of every fold [default 2000]."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per training step [default 8]."),
+    config: Optional[Path] = typer.Option(None, help="TOML file with any option of train/config.py (its "
+                                          "validation split is replaced by the folds)."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP + " [default auto]"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [default auto]."),
+    tuning_fraction: float = typer.Option(0.1, help="Share of each fold's training sources held out for its "
+                                          "choices (best adapter, early stopping); 0: none, the last adapter."),
+    seeds: int = typer.Option(3, min=1, help="Seeds per clip and model when scoring."),
+    eval_steps: int = typer.Option(25, min=1, help="Euler steps of the generated audio when scoring."),
+    cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength when scoring."),
+    lora_scale: str = typer.Option("1", help="Adapter strength the verdict is for; several separated by commas "
+                                   "add an exploration (the verdict stays at 1 when listed, else the first)."),
+) -> None:
+    """Cross-validate by source video: K adapters, each judged on the sources it never saw; the
+    test is over all sources (sign-flip test, Holm across the metrics).
+
+    Each fold is an ordinary run (RUN/fold-k/); the choices of a fold use tuning sources from its own
+    training side. Resumes: finished folds are neither trained nor scored again. Prints the pooled
+    verdict and the step count at which the folds' pooled validation loss was lowest (train the
+    adapter you keep on all clips with that many steps)."""
+    from mmaudio_lora.crossval import CrossvalJob, crossval
+    from shared.synthesis import SamplingSettings
+    from train.config import TrainConfig, read_toml
+
+    with user_errors():
+        settings = TrainConfig()
+        if config:
+            settings.updated(read_toml(config), str(config))
+        given = {"features": [str(f) for f in features], "profile": profile, "variant": variant,
+                 "checkpoint": str(checkpoint) if checkpoint else None, "steps": steps, "batch_size": batch_size,
+                 "precision": precision, "device": device}
+        settings.updated({key: value for key, value in given.items() if value is not None}, "command line")
+        result = crossval(CrossvalJob(settings, run, folds, tuning_fraction, seeds, SamplingSettings(eval_steps, cfg),
+                                      _scales(lora_scale)))
+    typer.echo(f"{result.variant}, {len(result.clips)} clips of {result.sources} source videos in {len(result.folds)} "
+               f"folds, {eval_steps} steps, cfg {cfg:g}, {seeds} seed(s):")
+    typer.echo(result.table())
+    typer.echo(result.verdict())
+    typer.echo(f"It rests on {result.basis()}.")
+    typer.echo(result.steps_advice())
+    typer.echo(f"numbers: {run / 'crossval.json'}; report: {run / 'crossval' / 'index.html'} ({result.seconds:.0f} s)")
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise UserError(f"--lora-scale takes numbers separated by commas, not {text!r}") from None
 
 
 @app.command()
@@ -332,8 +396,9 @@ def evaluate(
     seed: int = typer.Option(42, help="First noise seed (the same for both models)."),
     seeds: int = typer.Option(3, min=1, help="Seeds per clip and model (seed, seed+1, ...): the per-clip "
                               "differences are averaged over them."),
-    lora_scale: str = typer.Option("1", help="Adapter strength, or several separated by commas (0,0.5,1,1.5): "
-                                   "each is scored on the same clips; the best by validation flow loss is named."),
+    lora_scale: str = typer.Option("1", help="Adapter strength, or several separated by commas (0,0.5,1,1.5): the "
+                                   "verdict is for 1 when listed (else the first); the others are scored on the same "
+                                   "clips as an exploration, each with its own interval."),
     checkpoints: bool = typer.Option(False, "--checkpoints", help="Also score every kept checkpoint's adapter and "
                                      "the best one (validation flow loss only, cheap)."),
     batch_size: int = typer.Option(4, min=1, help="Clips per batch."),
@@ -342,31 +407,33 @@ def evaluate(
     profile: Optional[str] = typer.Option(None, help="real or tiny [default: the run's]."),
     checkpoint: Optional[Path] = typer.Option(None, help="Base network file [default: the run's]."),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    allow_trained: bool = typer.Option(False, "--allow-trained", help="With --features: score clips (or sources) the "
+                                       "adapter trained on, knowingly (refused otherwise: they are not held out)."),
 ) -> None:
     """Compare the base model with the fine-tuned one on held-out clips: validation flow loss,
-    log-mel L1 and DeSync, with 95 % intervals of the per-clip differences.
+    log-mel L1, DeSync and KL_PaSST, tested over source videos (a sign-flip test, Holm across the
+    metrics; 'too few sources' below 6).
 
-    Writes RUN/evaluation.json and a report to open in a browser, RUN/evaluation/index.html (audio,
-    spectrograms, training curves, the verdict)."""
+    Writes RUN/evaluation.json (or --out) and a report beside it to open in a browser,
+    RUN/evaluation/index.html (audio, spectrograms, training curves, the verdict)."""
     from generate.evaluate import evaluate as run_evaluation
     from generate.model import resolve_source
+    from generate.report import report_folder
     from shared.synthesis import SamplingSettings
 
     with user_errors():
-        try:
-            scales = tuple(float(value) for value in lora_scale.split(","))
-        except ValueError:
-            raise UserError(f"--lora-scale takes numbers separated by commas, not {lora_scale!r}") from None
+        scales = _scales(lora_scale)
         source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
                                 device=device, precision=precision)
         result = run_evaluation(run, source, features, clip_id, SamplingSettings(steps, cfg, seed), scales,
-                                batch_size, out, checkpoints, seeds=seeds)
+                                batch_size, out, checkpoints, seeds=seeds, allow_trained=allow_trained)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
                f"{steps} steps, cfg {cfg:g}, seeds {seed}-{seed + seeds - 1}:")
     typer.echo(result.table())
     typer.echo(result.verdict())
     typer.echo(f"It rests on {result.basis()}.")
-    typer.echo(f"numbers: {out or run / 'evaluation.json'}; report: {run / 'evaluation' / 'index.html'} "
+    numbers = out or run / "evaluation.json"
+    typer.echo(f"numbers: {numbers}; report: {report_folder(numbers) / 'index.html'} "
                f"({result.seconds:.0f} s)")
 
 

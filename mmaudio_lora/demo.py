@@ -11,8 +11,23 @@ from pathlib import Path
 
 DEMO_CLIPS = [  # (duration, tone) per clip: short ones are padded to the 8 s window
     (2.0, 330.0), (3.5, 440.0), (5.3, 550.0), (8.0, 660.0), (4.2, 770.0), (6.7, 880.0), (2.8, 990.0),
-    (7.5, 500.0),
+    (7.5, 500.0), (4.8, 600.0), (3.0, 700.0), (6.0, 800.0), (5.0, 900.0),
 ]
+SCENES = 8  # source videos: clip i is a segment of scene i % 8 (its title folder)
+# The demo's training settings, as a file a user can read and pass on (crossval --config).
+DEMO_CONFIG = """\
+# The offline demo's training settings (tiny profile, CPU): `mmaudio-lora train --config` takes any
+# field of train/config.py.
+profile = "tiny"
+device = "cpu"
+steps = 200
+batch_size = 4
+lr = 1e-3
+warmup_steps = 20
+val_fraction = 0.2  # holds out 2 of the 8 scenes
+val_every = 50
+checkpoint_every = 100
+"""
 
 
 @dataclass
@@ -28,12 +43,12 @@ class DemoResult:
 
 
 def write_demo_clips(root: Path) -> Path:
-    """The synthetic dataset in the user's layout: title folders and a segment TSV."""
+    """The synthetic dataset in the user's layout: title folders (the source videos) and a segment TSV."""
     from precompute.demo_clips import ClipSpec, write_clip
 
     lines = ["video_path\tstart_time\tend_time\tcaption"]
     for index, (duration, tone) in enumerate(DEMO_CLIPS):
-        relative = f"scene{index % 2}/clip{index}.mp4"
+        relative = f"scene{index % SCENES}/clip{index}.mp4"
         path = root / "segmented_videos" / relative
         if not path.exists():
             write_clip(path, ClipSpec(duration, width=96, height=64, tone_hz=tone, seed=index))
@@ -44,17 +59,17 @@ def write_demo_clips(root: Path) -> Path:
 
 
 def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -> DemoResult:
-    """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model."""
+    """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model. The
+    training settings are written to ROOT/train.toml (a cross-validation of the demo reads them)."""
     from generate.evaluate import evaluate
     from generate.model import resolve_source
-    from shared.synthesis import SamplingSettings
     from generate.run import GenerateJob, generate
     from precompute.run import FeatureJob, run_features
+    from shared.outputs import atomic_write_text, claim_output_folder
     from shared.runtime import Runtime
-    from train.config import TrainConfig
+    from shared.synthesis import SamplingSettings
+    from train.config import TrainConfig, read_toml
     from train.loop import train
-
-    from shared.outputs import claim_output_folder
 
     root = claim_output_folder(root, "demo")  # new, empty or an earlier demo's: never the user's data/
     tsv = write_demo_clips(root)
@@ -62,9 +77,9 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -
     summary = run_features(FeatureJob(tsv=tsv, video_root=root / "segmented_videos", out=features,
                                       runtime=Runtime(mode="16k", profile="tiny", device="cpu"), workers=0,
                                       batch_size=4))
-    config = TrainConfig(features=[str(features)], run=str(root / "run"), profile="tiny", steps=steps, batch_size=4,
-                         lr=1e-3, warmup_steps=20, val_fraction=0.25, val_every=50, checkpoint_every=100,
-                         device="cpu")
+    atomic_write_text(root / "train.toml", DEMO_CONFIG)
+    config = TrainConfig(features=[str(features)], run=str(root / "run"), steps=steps).updated(
+        {k: v for k, v in read_toml(root / "train.toml").items() if k != "steps"}, str(root / "train.toml"))
     result = train(config, overwrite=True)  # the demo's own run: a rerun starts it afresh
     generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run), device="cpu"),
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"]))

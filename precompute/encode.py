@@ -46,7 +46,9 @@ class FeatureEncoder:
             step = self.frames_per_call
             clip_features = torch.cat([clip_model.encode_frames(clip_pixels(flat[i:i + step].to(self.device)))
                                        for i in range(0, flat.shape[0], step)]).float()
-        with self._timed("synchformer"), self.runtime.autocast():
+        # float32 whatever the precision: DeSync compares generated audio with these features, and
+        # av-benchmark computes them in float32 (a bf16 argmax can land on another offset class)
+        with self._timed("synchformer"):
             sync_frames = sync_pixels(torch.stack([s.sync_frames for s in segments]).to(self.device))
             sync_features = encode_sync_frames(synchformer, sync_frames, self.windows_per_call).float()
         with self._timed("vae"):  # float32: the latents are the training targets

@@ -69,6 +69,8 @@ class FeatureSummary:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     models_loaded: list[str] = field(default_factory=list)
+    sources: int = 0  # source videos (groups) among the clips
+    grouping: str = ""  # the rule that found them (shared/clip_list.py)
     main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
     @property
@@ -104,21 +106,25 @@ def _file_identity(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def plan(job: FeatureJob, encoder_weights: dict[str, str]) -> list[Item]:
-    """Every output row with its fingerprints; cheap (reads the list and stats the files)."""
+def plan(job: FeatureJob, encoder_weights: dict[str, str]) -> tuple[list[Item], str]:
+    """Every output row with its fingerprints, and how the clips' sources were found; cheap (reads
+    the list and stats the files)."""
     entries = read_clip_list(job.tsv, job.video_root, job.allow_symlinks)
+    grouping = entries.grouping
     if job.split_long:
         from shared.media import probe_duration
 
         entries = [piece for entry in entries
                    for piece in split_into_windows(entry if entry.end_sec is not None else
                                                    _with_probed_end(entry, probe_duration), job.window_sec)]
-    settings = [FORMAT_VERSION, job.runtime.mode, job.window_sec, job.runtime.profile]
+    # "synchformer fp32": sync features are float32 whatever --precision says (DeSync reads them as
+    # av-benchmark computes them); folders made when bf16 was used re-encode once.
+    settings = [FORMAT_VERSION, job.runtime.mode, job.window_sec, job.runtime.profile, "synchformer fp32"]
     return [Item(entry,
                  media_key=_digest(settings, encoder_weights["clip"], encoder_weights["synchformer"],
                                    encoder_weights["vae"], _file_identity(entry.video), entry.start_sec, entry.end_sec),
                  text_key=_digest(FORMAT_VERSION, job.runtime.profile, encoder_weights["clip"], entry.caption))
-            for entry in entries]
+            for entry in entries], grouping
 
 
 def _with_probed_end(entry: ClipEntry, probe_duration) -> ClipEntry:
@@ -143,7 +149,8 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     started = time.perf_counter()
     recover(job.out)
     encoder_weights = job.runtime.encoder_weights()
-    items = plan(job, encoder_weights)
+    items, grouping = plan(job, encoder_weights)
+    sources = len({item.entry.group for item in items})
     manifest = read_manifest(job.out)
     if (manifest is not None and manifest.get("entries") == _entries(items)
             and manifest.get("weights") == encoder_weights and manifest.get("min_clip_sec") == MIN_CLIP_SEC
@@ -153,7 +160,8 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
             raise StrictModeError(f"{len(skipped)} clip(s) are skipped and --strict is set (nothing changed since "
                                   f"the last run). First: {skipped[0]}")
         return FeatureSummary(out=job.out, clips=len(items), up_to_date=True, skipped=skipped,
-                              padded=manifest["padded"], seconds=time.perf_counter() - started)
+                              padded=manifest["padded"], seconds=time.perf_counter() - started, sources=sources,
+                              grouping=grouping)
 
     from shared.distributed import Ranks
 
@@ -166,10 +174,10 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
         encoded = _encode_missing(job, items, previous, cache, ranks, show_progress)
         summary = FeatureSummary(out=job.out, clips=len(items), encoded_media=encoded.media,
                                  encoded_text=encoded.text, timings=encoded.timings, models_loaded=encoded.models,
-                                 main_process=ranks.is_main)
+                                 sources=sources, grouping=grouping, main_process=ranks.is_main)
         if ranks.is_main:
             written = time.perf_counter()
-            summary.skipped, summary.padded = _assemble(job, items, encoder_weights, previous, cache)
+            summary.skipped, summary.padded = _assemble(job, items, encoder_weights, previous, cache, grouping)
             summary.timings["write"] = time.perf_counter() - written
     summary.seconds = time.perf_counter() - started
     return summary
@@ -238,7 +246,7 @@ def _encode_missing(job: FeatureJob, items: list[Item], previous: PreviousOutput
 
 
 def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previous: PreviousOutput,
-              cache: WorkCache) -> tuple[list[str], int]:
+              cache: WorkCache, grouping: str) -> tuple[list[str], int]:
     """Write the new output (kept clips, manifest, skip report) and swap it in: (skip lines, padded clips)."""
     from shared import __version__
 
@@ -269,7 +277,7 @@ def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previou
     manifest = {
         "tool": "mmaudio-lora", "tool_version": __version__, "format_version": FORMAT_VERSION,
         "profile": job.runtime.profile, "mode": job.runtime.mode, "window_sec": job.window_sec,
-        "min_clip_sec": MIN_CLIP_SEC, "weights": encoder_weights,
+        "min_clip_sec": MIN_CLIP_SEC, "weights": encoder_weights, "grouping": grouping,
         "entries": _entries(items), "rows": _entries(kept), "skipped": skipped, "padded": padded,
         "clips": [{"id": i.entry.id, "row": i.entry.row, "video": str(i.entry.video), "start_sec": i.entry.start_sec,
                    "end_sec": i.entry.end_sec, "group": i.entry.group, "media_key": i.media_key,

@@ -8,7 +8,9 @@
     <out>/.mmaudio-lora marks the folder as a feature folder of ours
 
 A run writes into a staging folder beside `<out>` and swaps it in; encoded clips wait in a work
-folder beside it (`.<name>.work/`), so a killed run loses nothing and resumes.
+folder beside it (`.<name>.work/`), so a killed run loses nothing and resumes. Each helper folder
+carries our marker from the moment it exists; one beside `<out>` that does not is the user's, and
+is never deleted, moved or reused (the run stops, naming it).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
-from shared.outputs import atomic_path, atomic_write_text, mark_folder, replace_folder
+from shared.outputs import OutputError, atomic_path, atomic_write_text, mark_folder, ours, replace_folder
 
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
@@ -30,8 +32,18 @@ def sibling(out: Path, suffix: str) -> Path:
     return out.parent / f".{out.name}.{suffix}"
 
 
+def check_helpers(out: Path) -> None:
+    """Refuse to start while a helper folder's place beside `out` holds something that is not ours."""
+    for suffix in ("old", "staging", "work"):
+        helper = sibling(out, suffix)
+        if helper.exists() and not (helper.is_dir() and ours(helper)):
+            raise OutputError(f"{helper}: mmaudio-lora keeps its working files there, and this is not one of its "
+                              "folders (no marker); move or rename it, then run again")
+
+
 def recover(out: Path) -> None:
     """Finish a swap a killed run left half done: the previous output comes back."""
+    check_helpers(out)
     old = sibling(out, "old")
     if old.exists() and not out.exists():
         os.replace(old, out)
@@ -63,6 +75,8 @@ class WorkCache:
 
     def __init__(self, out: Path):
         self.root = sibling(out, "work")
+        if not self.root.exists():
+            mark_folder(self.root, "scratch")
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.safetensors"
@@ -91,7 +105,8 @@ class WorkCache:
         return path.read_text() if path.is_file() else None
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if ours(self.root):
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]], fetch, manifest: dict,
@@ -104,9 +119,9 @@ def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]]
     from tensordict import TensorDict
 
     staging = sibling(out, "staging")
-    if staging.exists():
+    if staging.exists():  # a killed run's: ours (check_helpers ran first)
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    mark_folder(staging, "scratch")
     count = len(rows)
     template = TensorDict({key: torch.zeros(()).expand(count, *shape) for key, shape in shapes.items()},
                           batch_size=[count])

@@ -3,9 +3,15 @@
 Segment schema (no `id`): video_path, start_time, end_time, caption (+ any other columns).
 MMAudio schema: id, label, videos at <video root>/<id>.mp4, the whole clip up to the window.
 
-Each clip's group is the source video it was cut from: `original_video` when the list has it,
-else `title_folder`, else the video file; in MMAudio's lists each id is its own group. Validation
-holds out whole groups, so no segment of a held-out source is trained on.
+Each clip's group is the source video it was cut from, so that validation can hold out whole
+sources and no segment of a held-out source is trained on:
+- `original_video` and/or `title_folder` when the list has them; with both, clips that share
+  either value are one source (the union: a title folder holding cuts of two originals, or one
+  original cut into two folders, never straddles the split);
+- otherwise the video's folder under the video root when the videos sit in folders (the
+  documented `<title folder>/<segment>.mp4` layout), else the video file;
+- in MMAudio's `id, label` lists each id is its own group.
+`ClipList.grouping` says which rule was used.
 """
 from __future__ import annotations
 
@@ -36,7 +42,15 @@ class ClipEntry:
     group: str = ""  # the source video (see the module's docstring)
 
 
-GROUP_COLUMNS = ("original_video", "title_folder")  # the first a list has names each clip's source
+GROUP_COLUMNS = ("original_video", "title_folder")
+
+
+class ClipList(list):
+    """The clips of a list in row order (a list of ClipEntry), and how their sources were found."""
+
+    def __init__(self, entries: list[ClipEntry], grouping: str):
+        super().__init__(entries)
+        self.grouping = grouping
 
 
 def safe_id(text: str) -> str:
@@ -72,7 +86,7 @@ def _read_text(tsv: Path) -> str:
                             "save the list as UTF-8") from None
 
 
-def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool = False) -> list[ClipEntry]:
+def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool = False) -> ClipList:
     """Every clip of the list, validated; one ClipListError naming all the bad rows.
 
     The list is TSV as spreadsheets write it: a field in double quotes may hold tabs and quotes.
@@ -100,7 +114,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
         raise ClipListError(f"{tsv}: the list has no rows")
 
     problems: dict[str, list[int]] = {}
-    clips = []
+    clips, named_by = [], []  # named_by: each clip's group columns that have a value
     for line, record in enumerate(records, start=2):
         if None in record or None in record.values():
             problems.setdefault(f"not {len(columns)} tab-separated fields as in the header", []).append(line)
@@ -131,8 +145,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
                 problems.setdefault("id is not a plain file name (no /, \\ or leading .)", []).append(line)
                 continue
             relative, start, end = f"{clip_id}.mp4", 0.0, None
-        group = (next((record[c] for c in GROUP_COLUMNS if record.get(c)), None)
-                 or (relative if "video_path" in columns else clip_id))
+        group = _default_group(relative) if "video_path" in columns else clip_id
         if not relative:
             problems.setdefault("empty video path or id", []).append(line)
             continue
@@ -141,6 +154,7 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
             problems.setdefault(refusal, []).append(line)
             continue
         clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column], group))
+        named_by.append({c: record[c] for c in GROUP_COLUMNS if record.get(c)})
     if problems:
         raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))
     clips = _assign_ids(clips, video_root.resolve())
@@ -151,7 +165,56 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
     if repeated:
         detail = "; ".join(f"id {i!r} on rows {', '.join(map(str, rows))}" for i, rows in list(repeated.items())[:10])
         raise ClipListError(f"{tsv}: duplicate ids: {detail}")
-    return clips
+    return _grouped(clips, named_by, columns)
+
+
+def _default_group(relative: str) -> str:
+    """A segment's source without group columns: its folder under the video root, else its file."""
+    folder = os.path.dirname(os.path.normpath(relative))
+    return folder if folder else relative
+
+
+def _grouped(clips: list[ClipEntry], named_by: list[dict[str, str]], columns: list[str]) -> ClipList:
+    """Each clip's group from the list's group columns: clips sharing a value of any of them are one
+    source (connected through shared values); a clip without values keeps its default group."""
+    present = [c for c in GROUP_COLUMNS if c in columns]
+    if "video_path" not in columns:
+        rule = "each id is its own source (MMAudio's id, label list)"
+    elif present:
+        rule = ("clips sharing an original_video or a title_folder are one source" if len(present) == 2
+                else f"the {present[0]} column")
+    else:
+        rule = "the video's folder under the video root (else the video file)"
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(node: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for values in named_by:  # union: the values named on one row belong to one source
+        nodes = [root(node) for node in sorted(values.items())]
+        for node in nodes[1:]:
+            parent[root(node)] = root(nodes[0])
+
+    def component(values: dict[str, str]) -> tuple[str, str]:
+        return root(min(values.items()))
+
+    members: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for values in named_by:
+        if values:
+            members.setdefault(component(values), set()).update(values.items())
+    names = {key: _source_name(nodes) for key, nodes in members.items()}
+    grouped = [replace(clip, group=names[component(values)]) if values else clip
+               for clip, values in zip(clips, named_by)]
+    return ClipList(grouped, rule)
+
+
+def _source_name(nodes: set[tuple[str, str]]) -> str:
+    """A source's name: its first original_video (alphabetically), else its first title_folder."""
+    originals = [value for column, value in nodes if column == "original_video"]
+    return min(originals or [value for _, value in nodes])
 
 
 def _assign_ids(clips: list[ClipEntry], root: Path) -> list[ClipEntry]:

@@ -114,6 +114,11 @@ def feature_labels(directory: str | Path) -> dict[str, str]:
     return {row["id"]: row.get("label") or "" for row in _read_rows(_feature_tsv(directory))}
 
 
+def feature_groups(directory: str | Path) -> dict[str, str]:
+    """Each clip's source video (the `group` column; each clip its own without it), by id, in row order."""
+    return {row["id"]: row.get("group") or row["id"] for row in _read_rows(_feature_tsv(directory))}
+
+
 def feature_ids(directory: str | Path) -> list[str]:
     """The clip ids of a feature folder, in row order, without opening the memmap."""
     return [row["id"] for row in _read_rows(_feature_tsv(directory))]
@@ -233,16 +238,18 @@ class FeatureSet:
         return {k: v[index] for k, v in self.tensors.items()}
 
 
-def _stable_rank(name: str) -> str:
-    return hashlib.sha1(name.encode()).hexdigest()
+def source_hash(name: str) -> float:
+    """A source's place in [0, 1), from its name alone: which sources are held out never depends on
+    which others exist."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:15], 16) / 16 ** 15
 
 
 def split(ids: list[str], groups: list[str], val_fraction: float, val_ids: list[str] = (),
           val_groups: list[str] = ()) -> tuple[list[int], list[int]]:
     """Deterministic train/validation split that holds out whole groups (source videos), so no
-    segment of a validation source is trained on. `val_ids`, else `val_groups`, else about
-    `val_fraction` of the clips: groups in the order of a hash of their name, as many as bring the
-    count closest to the fraction, at least one, never all."""
+    segment of a validation source is trained on. `val_ids`, else `val_groups`, else each source
+    whose name hashes below `val_fraction` (at least one, never all): adding sources later never
+    moves one that was there before from one side to the other."""
     if val_ids:
         unknown = sorted(set(val_ids) - set(ids))
         if unknown:
@@ -254,21 +261,16 @@ def split(ids: list[str], groups: list[str], val_fraction: float, val_ids: list[
             raise UserError(f"validation groups not in the features: {', '.join(unknown[:5])}")
         chosen = {i for i, g in zip(ids, groups) if g in set(val_groups)}
     elif val_fraction > 0:
-        members: dict[str, list[str]] = {}
-        for clip_id, group in zip(ids, groups):
-            members.setdefault(group, []).append(clip_id)
-        if len(members) < 2:
+        sources = sorted(set(groups), key=source_hash)
+        if len(sources) < 2:
             log.warning("every clip comes from one source video: no source can be held out, so the run has no "
                         "validation split (name clips with val_ids to validate on some of its segments)")
-            chosen = set()
+            held = set()
         else:
-            ranked = sorted(members, key=_stable_rank)
-            target, count, best = len(ids) * val_fraction, 0, None
-            for taken, group in enumerate(ranked[:-1], start=1):
-                count += len(members[group])
-                if best is None or abs(count - target) < best[0]:
-                    best = (abs(count - target), taken)
-            chosen = {i for group in ranked[:best[1]] for i in members[group]}
+            held = {g for g in sources if source_hash(g) < val_fraction} or {sources[0]}
+            if len(held) == len(sources):
+                held.discard(sources[-1])
+        chosen = {i for i, g in zip(ids, groups) if g in held}
     else:
         chosen = set()
     train = [n for n, i in enumerate(ids) if i not in chosen]
@@ -276,6 +278,20 @@ def split(ids: list[str], groups: list[str], val_fraction: float, val_ids: list[
     if not train:
         raise UserError("every clip is in the validation split; nothing left to train on")
     return train, val
+
+
+def source_folds(ids: list[str], groups: list[str], folds: int) -> list[list[str]]:
+    """`folds` sets of whole sources, balanced by clip count (largest sources first, each to the
+    fold with the fewest clips so far; ties by a hash of the name): deterministic."""
+    members: dict[str, list[str]] = {}
+    for clip_id, group in zip(ids, groups):
+        members.setdefault(group, []).append(clip_id)
+    if not 2 <= folds <= len(members):
+        raise UserError(f"--folds {folds}: needs 2 to {len(members)} (the number of source videos)")
+    assigned: list[list[str]] = [[] for _ in range(folds)]
+    for group in sorted(members, key=lambda g: (-len(members[g]), source_hash(g))):
+        min(assigned, key=len).extend(members[group])
+    return [sorted(fold, key=ids.index) for fold in assigned]
 
 
 def feature_fingerprint(directory: str | Path) -> str:

@@ -20,7 +20,8 @@ from shared.errors import UserError
 
 MARKER = ".mmaudio-lora"
 KINDS = {"features": "feature folder", "run": "training run", "generated": "generated-audio folder",
-         "demo": "demo folder"}
+         "demo": "demo folder", "crossval": "cross-validation", "report": "evaluation report",
+         "scratch": "working folder"}
 
 
 class OutputError(UserError):
@@ -105,10 +106,11 @@ def claim_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[P
 
 
 @contextmanager
-def folder_lock(folder: Path, command: str) -> Iterator[None]:
-    """Hold `.<name>.lock` beside `folder` while `command` writes it: a second command on the same
-    folder stops at once, naming the process that holds it (the OS releases the lock even if this
-    process is killed). In a torchrun job rank 0 holds it for every rank."""
+def folder_lock(folder: Path, command: str, shared: bool = False) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `folder` while `command` uses it: a writer (train, features)
+    holds it alone, readers (`shared`: evaluate, generate, export of a run) together, and a
+    command that cannot have it stops at once, naming who holds it (the OS releases the lock even
+    if the holder is killed). In a torchrun job rank 0 holds it for every rank."""
     import fcntl
 
     if os.environ.get("RANK", "0") != "0":
@@ -117,31 +119,50 @@ def folder_lock(folder: Path, command: str) -> Iterator[None]:
     folder = Path(folder)
     path = folder.parent / f".{folder.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    while True:
+        handle = open(path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{folder}: another `{command}` run ({holder}) is writing this folder; "
-                            "wait for it to finish or stop it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
+            holder = handle.read().strip()
+            handle.close()
+            doing = f"another command ({holder}) is writing" if holder else "another command is reading"
+            raise UserError(f"{folder}: {doing} this folder; wait for it to finish (or stop it), then run "
+                            f"`{command}` again") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    with handle:
+        if not shared:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"`{command}`, pid {os.getpid()}")
+            handle.flush()
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)  # while still held: nothing of ours stays beside the output
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            try:  # the last one out removes the file (a reader only when no other holds it)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
 
 
 def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Put the finished `staging` folder in place of `folder` (ours), never leaving neither:
-    the old one is renamed aside, the new one renamed in, then the old one deleted."""
+    the old one is renamed aside, the new one renamed in, then the old one deleted. A folder in
+    the aside place that is not ours (no marker, and not inside a folder of ours) is never
+    touched: the swap stops, naming it."""
     staging, folder = Path(staging), Path(folder)
     old = folder.with_name(f".{folder.name}.old")
     if old.exists():
+        if not ours(old):
+            raise OutputError(f"{old}: a folder mmaudio-lora did not make is where it keeps the previous {folder.name} "
+                              "during a swap; move or rename it, then run again")
         shutil.rmtree(old)
     if folder.exists():
         os.replace(folder, old)
@@ -149,6 +170,13 @@ def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Pat
     if old.exists():
         shutil.rmtree(old)
     return folder
+
+
+def ours(path: str | os.PathLike) -> bool:
+    """Whether a folder is mmaudio-lora's to remove: it carries our marker, or sits inside a folder
+    that does (an adapter in a run, a report's staging)."""
+    path = Path(path)
+    return folder_kind(path) is not None or any(folder_kind(parent) is not None for parent in path.parents)
 
 
 @contextmanager

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from shared.profiles import (TINY_CLIP, TINY_SYNC_SCORER, TINY_SYNCHFORMER, TINY_VAE_HIDDEN, TINY_VOCODER,
-                             check_profile, fill_deterministically)
-from shared.weights import CLIP_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, VOCODER_WEIGHTS, WeightFile, require
+from shared.profiles import (TINY_CLIP, TINY_PASST, TINY_SYNC_SCORER, TINY_SYNCHFORMER, TINY_VAE_HIDDEN,
+                             TINY_VOCODER, check_profile, fill_deterministically)
+from shared.weights import (CLIP_WEIGHTS, PASST_WEIGHTS, SYNCHFORMER_WEIGHTS, VAE_WEIGHTS, VOCODER_WEIGHTS, WeightFile,
+                            require)
 
 Device = torch.device | str
 WeightsDir = str | os.PathLike | None
@@ -139,3 +140,18 @@ def load_sync_scorer(profile: str = "real", weights_dir: WeightsDir = None, devi
     with_weights(scorer, profile, SYNCHFORMER_WEIGHTS, weights_dir, "Synchformer's audio branch and sync head",
                  select=scorer_state_dict)
     return scorer.to(device).eval()
+
+
+def build_passt(profile: str = "real"):
+    from shared.models.passt import PasstConfig, build_passt as passt_architecture
+
+    return passt_architecture(PasstConfig(**TINY_PASST) if check_profile(profile) == "tiny" else PasstConfig())
+
+
+def load_passt(profile: str = "real", weights_dir: WeightsDir = None, device: Device = "cpu"):
+    """PaSST-S from `passt-s-f128-p16-s10-ap.476-swa.pt` (its `model` entry when it has one), strictly."""
+    from shared.models.passt import checkpoint_state_dict
+
+    passt = build_passt(profile)
+    with_weights(passt, profile, PASST_WEIGHTS, weights_dir, "PaSST-S", select=checkpoint_state_dict)
+    return passt.to(device).eval()

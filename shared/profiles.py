@@ -29,6 +29,8 @@ TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"layers": 2, "width": 32, "head_wid
 TINY_SYNCHFORMER = {"dim": 32, "depth": 2, "num_heads": 2}
 # DeSync's audio branch and sync head, at the width of the tiny Synchformer's video features
 TINY_SYNC_SCORER = {"dim": TINY_SYNCHFORMER["dim"], "ast_depth": 2, "ast_heads": 2, "head_depth": 1, "head_heads": 2}
+# PaSST (evaluate's KL_PaSST) at small widths; its input, patch grid and 527 classes stay
+TINY_PASST = {"dim": 32, "depth": 2, "num_heads": 2}
 TINY_VAE_HIDDEN = 16
 TINY_VOCODER = {"upsample_initial_channel": 64, "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3, 5]]}
 TINY_NETWORK = {"hidden_dim": 64, "depth": 3, "fused_depth": 2, "num_heads": 2}

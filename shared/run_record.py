@@ -2,12 +2,17 @@
 and export: its settings (`config.json`) and its data (`split.json`).
 
     config.json  the resolved configuration, paths absolute (train/config.py's fields)
-    split.json   train_ids, val_ids, group_of (id → source video) and feature_folders (each folder's
-                 fingerprint when the run started): the run's split, the only one evaluate uses
+    metrics.jsonl one strict JSON object per logged step (step, train_loss, lr, val_loss, ...; a value
+                 that is not finite is null)
+    split.json   train_ids, val_ids, tuning_ids (held out for the run's choices, when it has them),
+                 group_of (id → source video) and feature_folders (each folder's fingerprint when the
+                 run started): the run's split, the only one evaluate uses
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,8 +20,10 @@ from pathlib import Path
 from shared.errors import UserError
 from shared.outputs import atomic_write_text
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
+METRICS_FILE = "metrics.jsonl"
 
 
 class RunRecordError(UserError):
@@ -53,6 +60,42 @@ def read_run_config(run: str | os.PathLike) -> dict:
     return settings
 
 
+def finite_or_none(value):
+    """`value` (nested dicts, lists) with every float that is not finite as None: JSON as the standard
+    has it (null), never the bare NaN Python writes by default."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def read_metrics_log(run: str | os.PathLike) -> list[dict]:
+    """The run's logged steps, in order; lines that are not a JSON object with a step (the last
+    line of a run killed while writing it) are left out and named in one warning."""
+    path = Path(run) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records, bad = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        log.warning("%s: line(s) %s are not complete records (a run stopped while writing?); left out", path,
+                    ", ".join(map(str, bad[:5])))
+    return records
+
+
 @dataclass
 class Split:
     """The clips a run trained and validated on, and the feature folders they came from."""
@@ -61,6 +104,9 @@ class Split:
     val_ids: list[str]
     group_of: dict[str, str]  # clip id → its source video (group)
     feature_folders: dict[str, str] = field(default_factory=dict)  # absolute folder → fingerprint at the start
+    # held out of training for the run's choices (best adapter, early stopping); empty: the
+    # choices use the validation clips
+    tuning_ids: list[str] = field(default_factory=list)
 
     def save(self, run: Path) -> None:
         atomic_write_text(Path(run) / SPLIT_FILE, json.dumps(asdict(self), indent=1) + "\n")
@@ -74,7 +120,7 @@ class Split:
         data = read_json(path, "the run's train/validation split")
         try:
             split = cls(list(data["train_ids"]), list(data["val_ids"]), dict(data["group_of"]),
-                        dict(data.get("feature_folders", {})))
+                        dict(data.get("feature_folders", {})), list(data.get("tuning_ids", [])))
         except (KeyError, TypeError, ValueError):
             raise RunRecordError(f"{path}: needs train_ids, val_ids and group_of") from None
         return split
@@ -90,8 +136,12 @@ class Split:
         shared = held & trained
         overlap = ("none of their segments in training" if not shared else
                    f"{len(shared)} of them also have segments in training")
+        tuning = self.groups(self.tuning_ids)
+        choices = (f"; the run's choices on {len(self.tuning_ids)} other held-out clip"
+                   f"{'s' if len(self.tuning_ids) != 1 else ''} from {len(tuning)} training-side source"
+                   f"{'s' if len(tuning) != 1 else ''}" if self.tuning_ids else "")
         return (f"validation: {len(self.val_ids)} clip{'s' if len(self.val_ids) != 1 else ''} from {len(held)} "
-                f"source video{'s' if len(held) != 1 else ''} ({overlap})")
+                f"source video{'s' if len(held) != 1 else ''} ({overlap}){choices}")
 
     def changes(self) -> list[str]:
         """One line per recorded feature folder that is gone or differs from when the run started."""

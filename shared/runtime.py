@@ -191,6 +191,12 @@ class Runtime:
 
         return self._load("sync scorer", lambda: load_sync_scorer(self.profile, self.weights_dir, self.torch_device))
 
+    def passt(self):
+        """PaSST-S for KL_PaSST (evaluate); for `real` it needs its own file (`download` fetches it)."""
+        from shared.pretrained import load_passt
+
+        return self._load("passt", lambda: load_passt(self.profile, self.weights_dir, self.torch_device))
+
     def mel_converter(self):
         from shared.models.mel import build_mel_converter
 

@@ -69,6 +69,13 @@ VOCODER_44K_CONFIG = WeightFile("config.json", "vocoder 44k configuration",
 SYNCHFORMER_WEIGHTS = WeightFile("synchformer_state_dict.pth", "Synchformer",
                                  f"{MMAUDIO_RELEASE}/synchformer_state_dict.pth",
                                  "5b2f5594b0730f70e41e549b7c94390c")
+# PaSST-S for evaluate's KL_PaSST (av-benchmark's sound-class metric). Its author publishes no
+# checksum: the transfer is checked by its announced size, the content by a strict load.
+PASST_WEIGHTS = WeightFile("passt-s-f128-p16-s10-ap.476-swa.pt", "PaSST-S (KL_PaSST)",
+                           "https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/"
+                           "passt-s-f128-p16-s10-ap.476-swa.pt", approx_bytes=86_153_758 * 4)
+# Files a command runs without, leaving out what they serve (and saying so).
+OPTIONAL_FILES = (PASST_WEIGHTS,)
 _DFN5B = "apple/DFN5B-CLIP-ViT-H-14-384"
 CLIP_WEIGHTS = WeightFile("open_clip_pytorch_model.bin", "CLIP ViT-H-14 (DFN5B)",
                           f"{HF_HUB}/{_DFN5B}/resolve/main/open_clip_pytorch_model.bin",
@@ -91,6 +98,7 @@ def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple
     ]
     if mode == "44k":
         files.append((VOCODER_44K_CONFIG, ("generate", "evaluate")))
+    files.append((PASST_WEIGHTS, ("evaluate: KL_PaSST, optional",)))
     return files
 
 
@@ -139,6 +147,10 @@ class FileStatus:
     @property
     def found(self) -> bool:
         return self.path is not None
+
+    @property
+    def optional(self) -> bool:
+        return self.weight_file in OPTIONAL_FILES
 
 
 def check_files(variant: str = DEFAULT_VARIANT, weights_dir: str | os.PathLike | None = None) -> list[FileStatus]:

@@ -124,12 +124,12 @@ def test_a_second_run_on_the_same_folder_is_refused_while_one_holds_it(small_set
     root, videos, tsv = small_set
     out = tmp_path / "features"
     with folder_lock(out.resolve(), "features"):
-        with pytest.raises(UserError, match=r"another `features` run \(pid \d+\)"):
+        with pytest.raises(UserError, match=r"another command \(`features`, pid \d+\) is writing"):
             run_features(tiny_job(tsv, videos, out))
     assert not out.exists()
     run = tmp_path / "run"
     with folder_lock(run.resolve(), "train"):
-        with pytest.raises(UserError, match=r"another `train` run \(pid \d+\) is writing this folder"):
+        with pytest.raises(UserError, match=r"another command \(`train`, pid \d+\) is writing this folder"):
             train(TrainConfig(features=[str(features)], run=str(run), profile="tiny", steps=1, batch_size=2,
                               device="cpu"), show_progress=False)
     assert not run.exists()

@@ -73,3 +73,18 @@ def test_clips_shorter_than_four_point_eight_seconds_have_no_desync():
     assert short.shape == (2,) and all(math.isnan(v) for v in short.tolist())
     enough = scorer.desync(video[:, :14 * 8], torch.randn(2, 76800) * 0.1)
     assert all(0 <= v <= 2 for v in enough.tolist())
+
+
+def test_to_16k_is_torchaudio_resample_at_its_defaults(reference_dir):
+    """av-benchmark's reading of generated audio (Hann, 6 crossings, rolloff 0.99), not the training
+    extractor's resampler, which sits up to 0.2 away on the same signal."""
+    from shared.models.desync import to_16k
+    from shared.models.resample import resample
+
+    golden = load_file(reference_dir / "desync_resample.safetensors")
+    for case in ("desync_resample", "desync_resample_48k"):
+        wave, rate, expected = golden[f"{case}_in"], int(golden[f"{case}_rate"]), golden[f"{case}_out"]
+        ours = to_16k(wave, rate)
+        assert ours.shape == expected.shape
+        assert (ours - expected).abs().max().item() <= 1e-5
+        assert (resample(wave, rate, 16000) - expected).abs().max().item() > 1e-2

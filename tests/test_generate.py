@@ -169,7 +169,8 @@ def test_evaluate_prints_the_table_and_writes_json(run, tmp_path):
     assert set(report["val_flow_loss"]) == set(report["mel_l1"]) == {"base", "tuned"}
     assert all(np.isfinite(v) and v > 0 for v in [*report["val_flow_loss"].values(), *report["mel_l1"].values()])
     assert report["val_flow_loss"]["tuned"] != report["val_flow_loss"]["base"]
-    assert len(report["clips"]) == 2 and set(report["per_clip_mel_l1"]) == set(report["clips"])
+    assert report["clips"] == json.loads((run / "split.json").read_text())["val_ids"]
+    assert set(report["per_clip_mel_l1"]) == set(report["clips"])
 
 
 def test_training_writes_audio_samples(run):
@@ -200,4 +201,6 @@ def test_demo_ends_with_generated_audio(tmp_path):
     held = {split["group_of"][i] for i in split["val_ids"]}
     assert held and not held & {split["group_of"][i] for i in split["train_ids"]}
     assert set(result.evaluation.desync) == {"base", "tuned", "real"} and "DeSync" in result.evaluation.table()
-    assert result.evaluation.basis().startswith(f"{len(split['val_ids'])} held-out clip")
+    assert result.evaluation.basis().startswith(f"{len(split['val_ids'])} clips from 2 source videos")
+    assert len(held) == 2 and result.evaluation.verdict().startswith("Too few source videos to tell")
+    assert set(result.evaluation.kl_passt) == {"base", "tuned"} and "KL_PaSST" in result.evaluation.table()

@@ -125,8 +125,14 @@ def test_doctor_and_download_commands(server, tmp_path, monkeypatch):
 
     result = runner.invoke(app, ["doctor", "--variant", "small_16k", "--weights-dir", str(weights_dir)])
     assert result.exit_code == 0, result.output
-    assert "MISSING" not in result.output and "All files in place" in result.output
+    assert "MISSING" not in result.output and "All needed files in place." in result.output
+    (weights_dir / "passt-s-f128-p16-s10-ap.476-swa.pt").unlink()  # evaluate's KL_PaSST only: optional
+    result = runner.invoke(app, ["doctor", "--variant", "small_16k", "--weights-dir", str(weights_dir)])
+    assert result.exit_code == 0 and "Optional and missing: PaSST-S (KL_PaSST)" in result.output
 
+    result = runner.invoke(app, ["download", "--variant", "small_16k", "--weights-dir", str(weights_dir),
+                                 "--mirror", url])
+    assert result.exit_code == 0 and (weights_dir / "passt-s-f128-p16-s10-ap.476-swa.pt").is_file()
     result = runner.invoke(app, ["download", "--variant", "small_16k", "--weights-dir", str(weights_dir),
                                  "--mirror", url])
     assert "Nothing to download" in result.output

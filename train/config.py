@@ -69,9 +69,15 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on the CPU; or bf16, fp32
     # validation and checkpoints
-    val_fraction: float = 0.1  # of the clips, rounded to whole source videos
+    # Validation: each source video whose name hashes below this is held out (about this share of
+    # the sources; at least one, never all; adding sources never moves one already there)
+    val_fraction: float = 0.1
     val_ids: list[str] = field(default_factory=list)  # these clips instead
     val_groups: list[str] = field(default_factory=list)  # these source videos instead
+    # Of the training sources, this share (same rule) is held out for the run's choices (best
+    # adapter, early stopping), so the validation sources judge an adapter chosen without them
+    # (crossval sets it); 0: the choices use the validation split.
+    tuning_fraction: float = 0.0
     val_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 250
@@ -118,8 +124,8 @@ class TrainConfig:
             mode_of(self.variant)
         if self.schedule not in ("cosine", "constant"):
             raise UserError(f"schedule must be cosine or constant, not {self.schedule!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError("val_fraction must be in [0, 1)")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.tuning_fraction < 1:
+            raise UserError("val_fraction and tuning_fraction must be in [0, 1)")
         if self.sample_every < 0 or self.sample_clips < 1 or self.sample_steps < 1:
             raise UserError("sample_every must be ≥ 0, sample_clips and sample_steps positive")
         check_precision(self.precision)

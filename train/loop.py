@@ -74,12 +74,17 @@ def cut_to_length(batch: dict[str, torch.Tensor], seq: SequenceConfig) -> dict[s
 
 
 def choose_split(features: FeatureSet, config: TrainConfig) -> Split:
-    """A new run's split, by source video, with the feature folders' fingerprints."""
+    """A new run's split, by source video, with the feature folders' fingerprints: validation
+    sources, then (with `tuning_fraction`) the tuning sources among the rest by the same rule."""
     train_index, val_index = split(features.ids, features.groups, config.val_fraction, config.val_ids,
                                    config.val_groups)
-    return Split([features.ids[n] for n in train_index], [features.ids[n] for n in val_index],
-                 dict(zip(features.ids, features.groups)),
-                 {folder: feature_fingerprint(folder) for folder in config.features})
+    train_ids = [features.ids[n] for n in train_index]
+    tuning_ids: list[str] = []
+    if config.tuning_fraction > 0:
+        kept, tuning = split(train_ids, [features.groups[n] for n in train_index], config.tuning_fraction)
+        train_ids, tuning_ids = [train_ids[n] for n in kept], [train_ids[n] for n in tuning]
+    return Split(train_ids, [features.ids[n] for n in val_index], dict(zip(features.ids, features.groups)),
+                 {folder: feature_fingerprint(folder) for folder in config.features}, tuning_ids)
 
 
 class Trainer:
@@ -100,6 +105,9 @@ class Trainer:
             raise UserError(f"{len(self.split.train_ids)} training clip(s) cannot feed {ranks.world_size} processes")
         self.train_set = features.select(self.split.train_ids)
         self.val_set = features.select(self.split.val_ids) if self.split.val_ids else None
+        # the run's choices (best adapter, early stopping) are made on these: the tuning clips when
+        # the split has them, so the validation clips judge an adapter chosen without them
+        self.tuning_set = features.select(self.split.tuning_ids) if self.split.tuning_ids else None
         self.train_buckets = self._buckets(self.train_set)
         self.batches_per_epoch = len(epoch_plan(self.train_buckets, config.batch_size, config.seed, 0))
 
@@ -167,18 +175,18 @@ class Trainer:
         self.step += 1
         return self.ranks.mean(total_loss)
 
-    def validate(self) -> float | None:
-        """Fixed-noise validation loss, each clip at its bucket's length as in training."""
-        if self.val_set is None:
+    def validate(self, clips: FeatureSet | None) -> float | None:
+        """Fixed-noise validation loss of held-out clips, each at its bucket's length as in training."""
+        if clips is None:
             return None
         self.model.eval()
-        buckets = self._buckets(self.val_set)
+        buckets = self._buckets(clips)
         losses = []  # per clip, bucket after bucket
         for length in sorted(set(buckets)):
             rows = [n for n, b in enumerate(buckets) if b == length]
             seq = self.runtime.sequence(length)
             use_duration(self.network, seq)
-            batches = ({k: v.to(self.device) for k, v in cut_to_length(self.val_set.batch(rows[i:i + self.config.batch_size]),
+            batches = ({k: v.to(self.device) for k, v in cut_to_length(clips.batch(rows[i:i + self.config.batch_size]),
                                                                      seq).items()}
                        for i in range(0, len(rows), self.config.batch_size))
             with self.runtime.autocast():
@@ -187,12 +195,15 @@ class Trainer:
         return torch.cat(losses).mean().item()
 
     # -- what the run keeps ------------------------------------------------------------------------
-    def record_validation(self, val_loss: float) -> None:
-        if self.best_val is None or val_loss < self.best_val:
-            self.best_val, self.best_step, self.stale_validations = val_loss, self.step, 0
+    def record_validation(self, loss: float) -> None:
+        """The loss the run's choices are made on (tuning clips, else validation clips): a new best
+        keeps its adapter; early stopping counts the validations since."""
+        if self.best_val is None or loss < self.best_val:
+            self.best_val, self.best_step, self.stale_validations = loss, self.step, 0
             if self.main_process:
                 save_adapter(self.model, self.run / "best" / "adapter", self.info, self.card())
-                atomic_write_text(self.run / "best" / "step.json", json.dumps({"step": self.step, "val_loss": val_loss}))
+                atomic_write_text(self.run / "best" / "step.json", json.dumps(
+                    {"step": self.step, "loss": loss, "on": "tuning" if self.tuning_set is not None else "validation"}))
         else:
             self.stale_validations += 1
 
@@ -267,10 +278,14 @@ class Trainer:
                 last = self.step == config.steps
                 record = {"step": self.step, "train_loss": last_loss, "lr": self.scheduler.get_last_lr()[0]} \
                     if self.step % config.log_every == 0 or last else None
-                val_loss = self.validate() if self.step % config.val_every == 0 or last else None
-                if val_loss is not None:
-                    record = (record or {"step": self.step, "train_loss": last_loss}) | {"val_loss": val_loss}
-                    self.record_validation(val_loss)
+                validating = self.step % config.val_every == 0 or last
+                val_loss = self.validate(self.val_set) if validating else None
+                tuning_loss = self.validate(self.tuning_set) if validating else None
+                if val_loss is not None or tuning_loss is not None:
+                    record = (record or {"step": self.step, "train_loss": last_loss}) | {
+                        key: value for key, value in (("val_loss", val_loss), ("tuning_loss", tuning_loss))
+                        if value is not None}
+                    self.record_validation(tuning_loss if self.tuning_set is not None else val_loss)
                     stopped = self.early_stop()
                 if record is not None and metrics is not None:
                     metrics.write(record)

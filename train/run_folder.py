@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.outputs import check_output_folder, folder_kind, mark_folder
-from shared.run_record import CONFIG_FILE, Split
+from shared.outputs import atomic_write_text, check_output_folder, folder_kind, mark_folder
+from shared.run_record import CONFIG_FILE, METRICS_FILE, Split, finite_or_none, read_metrics_log
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,10 @@ class MetricsLog:
     """metrics.jsonl plus TensorBoard (when the tensorboard package is importable)."""
 
     def __init__(self, run: Path, resume_step: int):
-        self.path = run / "metrics.jsonl"
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.path = run / METRICS_FILE
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint (and a torn line)
+            kept = [record for record in read_metrics_log(run) if record["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(record, allow_nan=False) + "\n" for record in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
@@ -115,7 +114,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step":

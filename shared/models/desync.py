@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.mel import mel_filterbank
+from shared.models.resample import TORCHAUDIO_DEFAULT_FILTER, resample
 from shared.models.synchformer import ClsAggregation
 
 SAMPLE_RATE = 16000
@@ -299,6 +300,14 @@ class SyncScorer(nn.Module):
 def build_sync_scorer(config: SyncScorerConfig = SyncScorerConfig()) -> SyncScorer:
     """The scorer at the official size (or `config`'s), weights not loaded."""
     return SyncScorer(config)
+
+
+def to_16k(wave: torch.Tensor, rate: int) -> torch.Tensor:
+    """(B, T) audio at `rate` → (B, T') at 16 kHz, as av-benchmark reads a generated file for DeSync:
+    torchaudio's `Resample(rate, 16000)` at its defaults (Hann window, 6 zero crossings, rolloff
+    0.99). Not MMAudio's training resampler (Kaiser, 64, 0.9476): the two differ by up to 0.2 in
+    the 7-8 kHz band that DeSync's top mel bins see."""
+    return resample(wave.float(), rate, SAMPLE_RATE, TORCHAUDIO_DEFAULT_FILTER)
 
 
 def scorer_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
