@@ -36,7 +36,9 @@ $(STAMP): pyproject.toml uv.lock | $(UV)
 lock: | $(UV)
 	$(UV) lock --upgrade
 
+# The report test needs chromium: installed here when missing and we are root (as CI is), else named.
 test: $(STAMP)
+	@tests/tools/require-browser
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import runpy
 import socket
@@ -47,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from shared.device import mixed_precision, resolve_device  # noqa: E402
+from shared.device import full_precision, mixed_precision, resolve_device  # noqa: E402
 
 VARIANT = "large_44k_v2"
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device name, most specific first.
@@ -171,14 +172,19 @@ def precision(check: Check) -> None:
     from shared.pretrained import build_clip, build_synchformer, build_vae, vocoder_from_state_dict
 
     device, generator = check.device, torch.Generator().manual_seed(0)
-    kept = "(runs in fp32)"
 
     def compare(name: str, run, goal: str = "≤ 2e-2") -> None:
+        """`run` (inputs drawn once, outside it) in float32, then inside a bf16 autocast region."""
         with torch.no_grad():
             full = run()
             with mixed_precision(device, "bf16"):
                 mixed = run()
         check.row("precision", f"{name} bf16 vs fp32", relative_error(mixed, full), goal)
+
+    def kept_float32(module, *inputs):
+        """As the pipeline runs the VAE and the vocoder: float32 even inside a bf16 region."""
+        with full_precision(device):
+            return module(*inputs)
 
     net = network(check).to(device).eval()
     seq = SequenceConfig(net.config.mode)
@@ -203,14 +209,15 @@ def precision(check: Check) -> None:
 
     vae = filled(build_vae("44k", check.profile), check.fill).to(device).eval()
     mel = torch.randn(1, vae.config.mel_bins, 64, generator=generator).to(device)
-    compare("VAE 44k encode", lambda: vae.encode(mel)[0], kept)
+    compare("VAE 44k encode (kept float32)", lambda: kept_float32(vae.encode, mel)[0], "0 (runs in fp32)")
 
     generator_module = vocoder_generator(check)
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "config.json"
         config.write_text(json.dumps(vocoder_hyperparameters(check)))
         vocoder = vocoder_from_state_dict("44k", generator_module.state_dict(), check.profile, config).to(device)
-    compare("vocoder 44k", lambda: vocoder(torch.randn(1, 128, 32, generator=generator).to(device)), kept)
+    vocoder_mel = torch.randn(1, 128, 32, generator=generator).to(device)
+    compare("vocoder 44k (kept float32)", lambda: kept_float32(vocoder, vocoder_mel), "0 (runs in fp32)")
 
 
 def weights(check: Check) -> None:
@@ -303,9 +310,10 @@ def precompute(check: Check) -> None:
 
 
 def _training_step(check: Check, state: dict, lora: bool, checkpointing: bool, steps: int,
-                   batch_size: int) -> tuple[float, float]:
+                   batch_size: int, compiled: bool = False) -> tuple[float, float]:
     """(seconds per step, FLOPs of one step: forward and backward, counted) over `steps` steps
-    after two warm-up steps; memory rows follow the caller's `fresh_memory`."""
+    after two warm-up steps (the compiled network's first one compiles it); memory rows follow
+    the caller's `fresh_memory`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from shared.lora import add_lora, lora_config
@@ -322,6 +330,10 @@ def _training_step(check: Check, state: dict, lora: bool, checkpointing: bool, s
     net.update_seq_lengths(net.latent_seq_len, net.clip_seq_len, net.sync_seq_len)  # the non-persistent tables
     model = add_lora(net, lora_config(16, 16, 0.0, DEFAULT_TARGETS)) if lora else net
     net.gradient_checkpointing = checkpointing
+    if compiled:
+        from train.loop import compile_blocks
+
+        compile_blocks(net)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seq, c, g = SequenceConfig(net.config.mode), net.config, torch.Generator().manual_seed(0)
     batch = {"a_mean": torch.randn(batch_size, seq.latent_seq_len, c.latent_dim, generator=g),
@@ -339,15 +351,22 @@ def _training_step(check: Check, state: dict, lora: bool, checkpointing: bool, s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:  # also the first warm-up step
+    if compiled:  # FLOPs are counted on the eager network; the first step compiles
+        started = time.perf_counter()
         step()
+        check.synchronize()
+        check.row("training", "compiled: first step (compiles the blocks) s", time.perf_counter() - started)
+        counter = None
+    else:
+        with FlopCounterMode(display=False) as counter:  # also the first warm-up step
+            step()
     step()
     check.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         step()
     check.synchronize()
-    return (time.perf_counter() - started) / steps, float(counter.get_total_flops())
+    return (time.perf_counter() - started) / steps, float(counter.get_total_flops()) if counter else math.nan
 
 
 def training(check: Check) -> None:
@@ -355,14 +374,25 @@ def training(check: Check) -> None:
     state = network(check).state_dict()
     peak = peak_tflops(torch.cuda.get_device_name(check.device)) if check.device.type == "cuda" else None
     results = {}
-    for name, lora, checkpointing in (("LoRA", True, False), ("LoRA + gradient checkpointing", True, True),
-                                      ("full fine-tuning", False, False)):
+    # compiled: the blocks through inductor, as `train` does on CUDA (on the CPU smoke it would only
+    # measure inductor's C++ build, minutes on two cores)
+    variants = [("LoRA", True, False, False), ("LoRA compiled", True, False, True),
+                ("LoRA + gradient checkpointing", True, True, False), ("full fine-tuning", False, False, False)]
+    for name, lora, checkpointing, compiled in variants:
+        if compiled and check.smoke:
+            check.row("training", f"{name}", "not in the smoke (inductor's build is the cost there)")
+            continue
         check.fresh_memory()
-        seconds, flops = _training_step(check, state, lora, checkpointing, steps, batch_size)
+        seconds, flops = _training_step(check, state, lora, checkpointing, steps, batch_size, compiled)
         results[name] = seconds
         check.row("training", f"{name}: steps/s (batch {batch_size})", 1 / seconds)
         check.memory_rows("training", f"{name}: ", "≤ 24" if checkpointing else "")
+        if name == "LoRA compiled":
+            check.row("training", "LoRA compiled: model FLOP utilisation",
+                      results["LoRA flops"] / seconds / (peak * 1e12) if peak else "n/a (no known peak)", "≥ 0.30")
+            check.row("training", "compiled / eager LoRA step time", seconds / results["LoRA"])
         if name == "LoRA":
+            results["LoRA flops"] = flops
             check.row("training", "LoRA: FLOPs per step (forward + backward)", flops)
             check.results["training"]["flops_per_step"] = flops
             check.results["training"]["peak_tflops"] = peak

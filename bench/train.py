@@ -5,6 +5,8 @@ gradient checkpointing. One run, one machine; read the ratios.
 
     .venv/bin/python bench/train.py                         # tiny network, CPU
     .venv/bin/python bench/train.py --variant small_16k     # real size (filled weights), GPU if present
+    .venv/bin/python bench/train.py --variant small_16k --compile --json F   # compiled blocks against eager
+    PYTHONPATH=UPSTREAM:EINOPS .venv/bin/python bench/train.py --variant small_16k --upstream   # against MMAudio
 """
 from __future__ import annotations
 
@@ -135,6 +137,89 @@ def attention_layout(variant: str, batch_size: int, steps: int, device) -> tuple
     return min(times["strided"]), min(times["contiguous"])
 
 
+def compiled_against_eager(variant: str, batch_size: int, steps: int, device) -> dict[str, float]:
+    """The same LoRA step (forward, backward) of the same network and batch, eager and with its
+    blocks compiled (train.loop.compile_blocks, inductor), alternating after one warm-up step of
+    each: best ms of each, the compiled network's first call (it compiles), and the largest
+    relative difference of the loss and the LoRA gradients."""
+    import copy
+
+    from train.loop import compile_blocks
+
+    net = _config(variant)
+    seq = SequenceConfig(net.mode)
+    network = fill_deterministically(build_network(None, **asdict(net))).to(device)
+    eager = add_lora(network, lora_config(16, 16, 0.0, DEFAULT_TARGETS))
+    for parameter in eager.parameters():  # LoRA's B starts at zero: make the gradients of A count too
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(1))
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled.base_model.model)
+    batch = {k: v.to(device) for k, v in synthetic_features(batch_size, net, seq).batch(list(range(batch_size))).items()}
+
+    def step(model) -> tuple[float, float, list[torch.Tensor]]:
+        start = time.perf_counter()
+        with mixed_precision(device, "auto"):
+            loss = training_loss(model.base_model.model, batch, seq, torch.Generator().manual_seed(0), forward=model)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return seconds, loss.item(), grads
+
+    compile_s, compiled_loss, compiled_grads = step(compiled)
+    _, eager_loss, eager_grads = step(eager)
+    difference = max([abs(compiled_loss - eager_loss) / abs(eager_loss)]
+                     + [((c - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+                        for c, e in zip(compiled_grads, eager_grads)])
+    times = {"eager": [], "compiled": []}
+    for n in range(2 * steps):
+        name = "compiled" if n % 2 else "eager"
+        times[name].append(step(compiled if name == "compiled" else eager)[0])
+    return {"eager_ms": 1000 * min(times["eager"]), "compiled_ms": 1000 * min(times["compiled"]),
+            "compile_s": compile_s, "max_rel_diff": difference}
+
+
+def against_upstream(variant: str, batch_size: int, steps: int, device) -> dict[str, float]:
+    """Our network against MMAudio's own (hkchengrex/MMAudio's `mmaudio` package on the path, with
+    einops), the same weights and inputs, each with peft LoRA on the same modules: forward and
+    backward of the velocity loss, eager, alternating after one warm-up step of each. The objective's
+    extras (condition dropout, the per-frame mask) are left out on both sides: the networks are
+    compared. Best ms of each and the largest relative difference of the loss."""
+    from mmaudio.model.networks import get_my_mmaudio
+
+    ours = fill_deterministically(build_network(variant)).to(device)
+    upstream = get_my_mmaudio(variant).to(device)
+    upstream.load_state_dict(ours.state_dict(), strict=True)
+    models = {"ours": add_lora(ours, lora_config(16, 16, 0.0, DEFAULT_TARGETS)),
+              "upstream": add_lora(upstream, lora_config(16, 16, 0.0, DEFAULT_TARGETS))}
+    net, g = _config(variant), torch.Generator().manual_seed(0)
+    seq = SequenceConfig(net.mode)
+    inputs = [torch.randn(batch_size, seq.latent_seq_len, net.latent_dim, generator=g),
+              torch.randn(batch_size, seq.clip_seq_len, net.clip_dim, generator=g),
+              torch.randn(batch_size, seq.sync_seq_len, net.sync_dim, generator=g),
+              torch.randn(batch_size, 77, net.text_dim, generator=g), torch.rand(batch_size, generator=g)]
+    inputs = [x.to(device) for x in inputs]
+    target = torch.randn(batch_size, seq.latent_seq_len, net.latent_dim, generator=g).to(device)
+    times, losses = {"ours": [], "upstream": []}, {}
+    for n in range(2 * steps + 2):
+        name = "upstream" if n % 2 else "ours"
+        start = time.perf_counter()
+        with mixed_precision(device, "auto"):
+            loss = (models[name](*inputs) - target).pow(2).mean()
+        loss.backward()
+        models[name].zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        losses[name] = loss.item()
+        if n >= 2:
+            times[name].append(time.perf_counter() - start)
+    return {"ours_ms": 1000 * min(times["ours"]), "upstream_ms": 1000 * min(times["upstream"]),
+            "loss_rel_diff": abs(losses["ours"] - losses["upstream"]) / abs(losses["upstream"])}
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -200,11 +285,34 @@ def main() -> None:
                         "and the memory probe (real size, filled weights)")
     parser.add_argument("--bucket-steps", type=int, default=0, help="steps per configuration [default: one epoch]")
     parser.add_argument("--memory-probe", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="only: eager against compiled blocks (--variant)")
+    parser.add_argument("--upstream", action="store_true", help="only: our LoRA step against MMAudio's own "
+                        "network (its `mmaudio` package on PYTHONPATH, with einops), side by side")
+    parser.add_argument("--json", type=Path, help="with --compile: write the numbers here too")
     args = parser.parse_args()
     if args.memory_probe:
         peak_memory_probe(args.variant, args.batch_size, args.memory_probe == "checkpointing")
         return
     device = resolve_device(args.device)
+    if args.upstream:
+        numbers = against_upstream(args.variant, args.batch_size, args.steps, device)
+        print(f"{args.variant} LoRA forward + backward, batch {args.batch_size}, {device}: ours "
+              f"{numbers['ours_ms']:.0f} ms, MMAudio's {numbers['upstream_ms']:.0f} ms "
+              f"({numbers['ours_ms'] / numbers['upstream_ms']:.2f}x; best of {args.steps} each, alternating); "
+              f"loss relative difference {numbers['loss_rel_diff']:.1e}")
+        return
+    if args.compile:
+        numbers = compiled_against_eager(args.variant, args.batch_size, args.steps, device)
+        print(f"{args.variant} LoRA step (forward + backward), batch {args.batch_size}, {device}: eager "
+              f"{numbers['eager_ms']:.0f} ms, compiled {numbers['compiled_ms']:.0f} ms "
+              f"({numbers['compiled_ms'] / numbers['eager_ms']:.2f}x; best of {args.steps} each, alternating); "
+              f"first compiled call {numbers['compile_s']:.1f} s; largest relative difference of the loss and "
+              f"the LoRA gradients {numbers['max_rel_diff']:.1e}")
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps(numbers, indent=1) + "\n")
+        return
     net = _config(args.variant)
     seq = SequenceConfig(net.mode)
     data = synthetic_features(64, net, seq)

@@ -40,13 +40,14 @@ from generate.report import check_report_folder, report_folder, write_report
 from generate.verdict import METRICS, MODELS, Evaluation, differences_of, judge
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
-from shared.features import FeatureSet, feature_labels, folders_window, split
+from shared.features import FeatureSet, feature_labels, folders_window
 from shared.lora import merge_adapter
 from shared.models.flow import validation_losses
 from shared.outputs import OutputError, atomic_write_text, folder_lock
-from shared.run_record import RunRecordError, Split, read_run_config
+from shared.progress import progress as progress_bar
+from shared.run_record import RunRecordError, Split, checkpoint_folders, read_run_config
 from shared.runtime import Runtime
-from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips
+from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips, use_duration
 from shared.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,27 @@ class Scores:
 # -- the clips -------------------------------------------------------------------------------------------
 
 def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Runtime,
-                   allow_trained: bool = False) -> tuple[FeatureSet, str, list[str]]:
+                   allow_trained: bool = False) -> tuple[FeatureSet, str, list[str], list[str]]:
     """`features` (all clips, or `ids`), else exactly the validation clips the run recorded:
-    (clips, where they come from, notes for the reader). Clips or sources of `features` that the
+    (clips, where they come from, notes for the reader, the feature folders read). Clips or sources of `features` that the
     run trained on (or made its choices on) are refused unless `allow_trained`."""
-    folders = [str(features)] if features is not None else read_run_config(run)["features"]
     split_record = Split.load(run)
+    recorded = read_run_config(run)["features"]
+    moved = split_record.relocation([str(Path(features).resolve())]) if features and split_record else {}
+    if moved:  # the run's own features, moved elsewhere: its validation split still says what is held out
+        log.warning("%s: holds the run's features (recorded at %s); judging the run's validation clips", features,
+                    next(iter(moved)))
+        recorded, features = [moved.get(folder, folder) for folder in recorded], None
+    folders = [str(features)] if features is not None else recorded
     if features is None and not all(Path(folder).is_absolute() for folder in folders):
         log.warning("%s: recorded its features as relative paths (an older version): they are read from the "
                     "current folder, %s", run, Path.cwd())
-    for line in split_record.changes() if split_record and features is None else []:
+    for line in split_record.changes(folders) if split_record and features is None else []:
         log.warning("%s", line)
     gone = [folder for folder in folders if not Path(folder).is_dir()]
     if gone:
         raise RunRecordError(f"{run}: its features {gone[0]} are gone (moved or deleted); pass --features with the "
-                             "held-out clips")
+                             "held-out clips (or the run's features where they are now)")
     window = folders_window(folders)
     clips = FeatureSet.load(folders, runtime.data_dim(window), window)
     notes = []
@@ -106,19 +113,16 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Ru
                                  "features; pass --features with the held-out clips")
         clips, where = clips.select(split_record.val_ids), f"validation split of {run}"
         clips = replace(clips, groups=[split_record.group_of.get(i, g) for i, g in zip(clips.ids, clips.groups)])
-    else:  # a run made before splits were recorded: its split, re-derived from its settings
-        settings = read_run_config(run)
-        log.warning("%s: no split.json (made by an older version); the validation split is derived again from the "
-                    "current features", run)
-        _, val_index = split(clips.ids, clips.groups, settings.get("val_fraction", 0.1), settings.get("val_ids", []),
-                             settings.get("val_groups", []))
-        clips, where = clips.subset(val_index), f"validation split of {run}"
+    else:
+        raise RunRecordError(f"{run}: made by an older version that did not record its split (split.json): its "
+                             "validation clips cannot be recovered from today's features; pass --features with clips "
+                             "you know it never trained on")
     if not clips.ids:
         raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
     if features is None:
         clips = _only(clips, ids) if ids else clips
         notes.append(_choice_note(split_record))
-    return clips, where, notes
+    return clips, where, notes, folders
 
 
 def _only(clips: FeatureSet, ids: list[str]) -> FeatureSet:
@@ -237,8 +241,10 @@ def _flow_losses(runtime: Runtime, network, clips: FeatureSet, batch_size: int, 
     device = runtime.torch_device
     batches = ({k: v.to(device) for k, v in clips.batch(list(range(i, min(i + batch_size, len(clips))))).items()}
                for i in range(0, len(clips), batch_size))
+    seq = runtime.sequence(clips.window_sec)  # the features' window: the run's, 8 s or shorter
+    use_duration(network, seq)
     with runtime.autocast():
-        return validation_losses(network, batches, runtime.sequence(clips.window_sec), seed)
+        return validation_losses(network, batches, seq, seed)
 
 
 @dataclass
@@ -273,9 +279,7 @@ def real_audio(clips: FeatureSet, decoder: AudioDecoder, judges: Judges, batch_s
 
 def kept_adapters(run: Path) -> dict[str, Path]:
     """Every checkpoint's adapter and the best one, by a readable name, in step order."""
-    adapters = {folder.name: folder / "adapter"
-                for folder in sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-                if (folder / "adapter").is_dir()}
+    adapters = {folder.name: folder / "adapter" for _, folder in checkpoint_folders(run) if (folder / "adapter").is_dir()}
     best = run / "best" / "adapter"
     if best.is_dir():
         step = json.loads((run / "best" / "step.json").read_text())["step"] if (run / "best" / "step.json").is_file() \
@@ -322,8 +326,6 @@ class Scored:
 def score_held_out(source: ModelSource, clips: FeatureSet, where: str, notes: list[str], sampling: SamplingSettings,
                    lora_scales: tuple[float, ...], seeds: int, batch_size: int, show_progress: bool = True) -> Scored:
     """Base and base + adapter (at each strength) on `clips`, every metric, the tests over sources."""
-    from tqdm import tqdm
-
     runtime = source.runtime
     base = ModelSource(runtime).load()
     decoder, judges = AudioDecoder(runtime), Judges(runtime)
@@ -332,7 +334,7 @@ def score_held_out(source: ModelSource, clips: FeatureSet, where: str, notes: li
     result = Evaluation(runtime.variant, where, list(clips.ids), asdict(sampling), seeds, len(set(clips.groups)),
                         group_of, lora_scale=judged_scale(lora_scales), notes=notes + judges.left_out)
     real = real_audio(clips, decoder, judges, batch_size)
-    with tqdm(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
+    with progress_bar(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
               disable=not show_progress) as progress:
         outputs = {"base": score(base, clips, decoder, judges, sampling, seeds, batch_size, real.mels, real.logits,
                                  progress)}
@@ -377,7 +379,7 @@ def _evaluate(run: Path, source: ModelSource | None, features: Path | None, ids:
     started = time.perf_counter()
     source = source or resolve_source(run=run)
     runtime = source.runtime
-    clips, where, notes = held_out_clips(run, features, ids, runtime, allow_trained)
+    clips, where, notes, folders = held_out_clips(run, features, ids, runtime, allow_trained)
     scored = score_held_out(source, clips, where, notes, sampling, lora_scales, seeds, batch_size, show_progress)
     result = scored.result
     if adapters:
@@ -387,7 +389,6 @@ def _evaluate(run: Path, source: ModelSource | None, features: Path | None, ids:
                                     {"variant": runtime.variant, "profile": runtime.profile}).to(runtime.torch_device)
             result.checkpoints[name] = float(_flow_losses(runtime, network, clips, batch_size, sampling.seed).mean())
     if pages is not None:
-        folders = [features] if features is not None else read_run_config(run)["features"]
         write_report(pages, run, result, (scored.real.mels, scored.real.waves),
                      {name: scored.outputs[name] for name in MODELS}, AudioDecoder(runtime).sampling_rate,
                      runtime.sequence().hop_length, _source_videos(clips, folders),

@@ -5,6 +5,7 @@ loader, ComfyUI-MMAudio and our `--checkpoint` read it strictly.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from generate.model import ModelSource, resolve_source
 from shared.errors import UserError
 from shared.lora import AdapterError
-from shared.outputs import OutputError
+from shared.outputs import OutputError, atomic_path, atomic_write_text
 from shared.runtime import mode_of
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -110,7 +111,7 @@ def check_export_target(out: Path) -> tuple[Path, Path]:
     metadata = _export_metadata(companion) if companion.exists() else {}
     if metadata is None:
         raise OutputError(f"{companion}: a file mmaudio-lora did not export is in the way; choose another name")
-    if out.exists() and metadata.get("pth_sha256") != _sha256(out):
+    if out.exists() and _sha256(out) not in (metadata.get("pth_sha256"), _pending(out).get("pth_sha256")):
         raise OutputError(f"{out}: a file mmaudio-lora did not export is in the way (it is not the .pth exported "
                           f"with {companion.name}); choose another name")
     if out.parent.exists() and not out.parent.is_dir():
@@ -126,7 +127,28 @@ def export_checkpoint(run: Path, out: Path, source: ModelSource | None = None, d
     check_dtype(dtype)
     out, companion = check_export_target(out)
     state, variant = merged_state_dict(Path(run), source, dtype)
-    save_state_dict(state, out)
+    # The .pth is recognised as ours by the digest the .safetensors header records of it. Until that
+    # header is written, a note beside the pair records the new .pth's digest first, so an export
+    # killed between the two files finds its own .pth again.
+    pending = pending_note(out)
+    with atomic_path(out) as temporary:
+        torch.save({k: v.detach().contiguous().cpu() for k, v in state.items()}, temporary)
+        digest = _sha256(temporary)
+        atomic_write_text(pending, json.dumps({"writer": EXPORT_WRITER, "pth_sha256": digest}) + "\n")
     save_state_dict(state, companion, metadata={"writer": EXPORT_WRITER, "variant": variant, "dtype": dtype,
-                                                "pth_sha256": _sha256(out)})
+                                                "pth_sha256": digest})
+    pending.unlink()
     return ExportResult(out, companion, variant, len(state), dtype)
+
+
+def pending_note(out: Path) -> Path:
+    return out.with_name(f".{out.name}.export.json")
+
+
+def _pending(out: Path) -> dict:
+    """The note of an export that stopped between its two files, or {} (a file that is not ours: {})."""
+    try:
+        note = json.loads(pending_note(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) and note.get("writer") == EXPORT_WRITER else {}

@@ -22,6 +22,7 @@ from shared.clip_list import safe_id
 from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
 from shared.outputs import claim_output_folder, folder_kind
+from shared.progress import progress as progress_bar
 from shared.runtime import Runtime
 from shared.models.sequence import DEFAULT_WINDOW_SEC, MIN_CLIP_SEC
 from shared.synthesis import (AudioDecoder, SamplingSettings, crop_video_features, duration_batches, sample_latents,
@@ -51,9 +52,10 @@ class GenerateJob:
 
     def validate(self) -> None:
         """Every argument checked before anything loads."""
-        if self.duration is not None and not (math.isfinite(self.duration) and self.duration >= MIN_CLIP_SEC):
-            raise UserError(f"--duration must be at least {MIN_CLIP_SEC:g} s (one Synchformer window), "
-                            f"not {self.duration:g}")
+        if self.duration is not None and not (math.isfinite(self.duration)
+                                              and MIN_CLIP_SEC <= self.duration <= DEFAULT_WINDOW_SEC):
+            raise UserError(f"--duration must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
+                            f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {self.duration:g}")
         if not math.isfinite(self.lora_scale):
             raise UserError(f"--lora-scale must be a finite number, not {self.lora_scale}")
         if self.batch_size < 1:
@@ -198,8 +200,7 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
     elif request.video is not None:
         from shared.media import load_video
 
-        frames = load_video(request.video, request.start_sec, request.end_sec,
-                            window_sec=max(DEFAULT_WINDOW_SEC, job.duration or 0.0))
+        frames = load_video(request.video, request.start_sec, request.end_sec, window_sec=DEFAULT_WINDOW_SEC)
         if job.duration and job.duration > frames.duration_sec + 0.05:
             log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s", request.video.name,
                         frames.duration_sec, job.duration)
@@ -235,14 +236,12 @@ def check_weights(runtime: Runtime, encoders_needed: bool) -> None:
 def _open_stored(job: GenerateJob):
     if job.features is None:
         return None
-    from shared.features import open_feature_dir
+    from shared.features import feature_window, open_feature_dir
 
-    return open_feature_dir(job.features, job.source.runtime.data_dim())
+    return open_feature_dir(job.features, job.source.runtime.data_dim(feature_window(job.features)))
 
 
 def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     job.validate()
     requests = collect_requests(job)
@@ -265,7 +264,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     decoder = AudioDecoder(runtime)
 
     prepared: list[Prepared] = []
-    for request in tqdm(requests, desc="reading inputs", unit="clip", disable=not show_progress):
+    for request in progress_bar(requests, desc="reading inputs", unit="clip", disable=not show_progress):
         try:
             prepared.append(_prepare(request, job, encoders, stored))
         except MediaError as error:
@@ -273,7 +272,7 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     negative = encoders.text([job.negative_prompt]) if job.negative_prompt else None
 
     batches = duration_batches([p.duration for p in prepared], job.batch_size)
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
+    for batch in progress_bar(batches, desc="generating", unit="batch", disable=not show_progress):
         members = [prepared[n] for n in batch]
         audio = _generate_batch(members, job, network, encoders, decoder, negative)
         for member, samples in zip(members, audio):

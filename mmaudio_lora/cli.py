@@ -341,7 +341,7 @@ def generate(
     out: Path = typer.Option(Path("data/generated"), help="Output folder: <name>.wav and <name>.mp4."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (replaces captions); alone: text-to-audio."),
     negative_prompt: str = typer.Option("", help="What to steer away from."),
-    duration: Optional[float] = typer.Option(None, help="Seconds of audio [default: each clip's length, up to 8]."),
+    duration: Optional[float] = typer.Option(None, help="Seconds of audio, 0.64 to 8 (the networks' window) [default: each clip's length, up to 8]."),
     steps: int = typer.Option(25, min=1, help="Euler steps."),
     cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
     seed: int = typer.Option(42, help="Noise seed (the same noise for every clip)."),

@@ -122,7 +122,7 @@ def _score_fold(fold_run: Path, source: ModelSource, job: CrossvalJob, show_prog
     cached = _cached_fold(fold_run, settings)
     if cached is not None:
         return cached
-    clips, where, notes = held_out_clips(fold_run, None, [], source.runtime)
+    clips, where, _, _ = held_out_clips(fold_run, None, [], source.runtime)
     scored = score_held_out(source, clips, where, [], job.sampling, job.lora_scales, job.seeds, job.batch_size,
                             show_progress)
     from safetensors.torch import save_file

@@ -124,7 +124,13 @@ def plan_decoding(workers: int, batch_size: int, mode: str, window_sec: float,
         fitting = min(workers, budget // (prefetch * per_batch))
         if fitting >= 1:
             break
-    planned = DecodingPlan(max(1, fitting), prefetch, free_bytes)
+    else:  # not one batch fits: a worker would fail to hand it over (and wait forever); decode here instead
+        log.warning("decoding in the main process: a batch of %d clips takes %.0f MB in transit between processes, "
+                    "and only %.0f MB of shared memory (%s) is free; give the container more (docker run "
+                    "--shm-size=8g) to decode in parallel", batch_size, per_batch / 1e6, free_bytes / 1e6,
+                    SHARED_MEMORY)
+        return DecodingPlan(0, None, free_bytes)
+    planned = DecodingPlan(fitting, prefetch, free_bytes)
     if (planned.workers, planned.prefetch) != (workers, PREFETCH):
         log.warning("decoding with %d worker(s), %d batch(es) ahead each: %.0f MB of shared memory (%s) is free and "
                     "a batch of %d clips takes %.0f MB", planned.workers, planned.prefetch, free_bytes / 1e6,

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import torch
 
+from shared.device import full_precision
 from shared.media import Segment, clip_pixels, sync_pixels
 from shared.runtime import Runtime
 
@@ -21,6 +22,8 @@ class FeatureEncoder:
     def __init__(self, runtime: Runtime, frames_per_call: int = 64, windows_per_call: int = 24):
         self.runtime = runtime
         self.device = runtime.torch_device
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the VAE's convolutions see one shape per batch size
         self.frames_per_call = frames_per_call  # CLIP frames per forward pass
         self.windows_per_call = windows_per_call  # Synchformer windows per forward pass
         self.seconds: dict[str, float] = defaultdict(float)  # time spent per encoder
@@ -51,7 +54,7 @@ class FeatureEncoder:
         with self._timed("synchformer"):
             sync_frames = sync_pixels(torch.stack([s.sync_frames for s in segments]).to(self.device))
             sync_features = encode_sync_frames(synchformer, sync_frames, self.windows_per_call).float()
-        with self._timed("vae"):  # float32: the latents are the training targets
+        with self._timed("vae"), full_precision(self.device):  # float32: the latents are the training targets
             audio = torch.stack([s.audio for s in segments]).to(self.device)
             mean, std = vae.encode(mel_converter(audio))
         return {

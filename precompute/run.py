@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shared.clip_list import ClipEntry, read_clip_list, split_into_windows
+from shared.clip_list import ClipEntry, ClipListError, read_clip_list, split_into_windows
 from shared.errors import UserError
 from shared.models.sequence import MIN_CLIP_SEC
 from precompute.store import (
@@ -31,6 +31,7 @@ from precompute.store import (
     write_output,
 )
 from shared.outputs import check_output_folder, folder_lock
+from shared.progress import progress as progress_bar
 from shared.runtime import Runtime, check_window
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def plan(job: FeatureJob, encoder_weights: dict[str, str]) -> tuple[list[Item], 
         entries = [piece for entry in entries
                    for piece in split_into_windows(entry if entry.end_sec is not None else
                                                    _with_probed_end(entry, probe_duration), job.window_sec)]
+        _refuse_repeated_ids(entries, job.tsv)
     # "synchformer fp32": sync features are float32 whatever --precision says (DeSync reads them as
     # av-benchmark computes them); folders made when bf16 was used re-encode once.
     settings = [FORMAT_VERSION, job.runtime.mode, job.window_sec, job.runtime.profile, "synchformer fp32"]
@@ -125,6 +127,18 @@ def plan(job: FeatureJob, encoder_weights: dict[str, str]) -> tuple[list[Item], 
                                    encoder_weights["vae"], _file_identity(entry.video), entry.start_sec, entry.end_sec),
                  text_key=_digest(FORMAT_VERSION, job.runtime.profile, encoder_weights["clip"], entry.caption))
             for entry in entries], grouping
+
+
+def _refuse_repeated_ids(entries: list[ClipEntry], tsv: Path) -> None:
+    """Windows of a long clip are named <id>_w<k>: one may take the id of another row."""
+    rows: dict[str, list[int]] = {}
+    for entry in entries:
+        rows.setdefault(entry.id, []).append(entry.row)
+    repeated = {clip_id: sorted(set(lines)) for clip_id, lines in rows.items() if len(lines) > 1}
+    if repeated:
+        clip_id, lines = next(iter(repeated.items()))
+        raise ClipListError(f"{tsv}: with --split-long, id {clip_id!r} names a window of one row and another row "
+                            f"(rows {', '.join(map(str, lines))}); rename the row's id")
 
 
 def _with_probed_end(entry: ClipEntry, probe_duration) -> ClipEntry:
@@ -309,8 +323,6 @@ def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, 
     """
     if not todo:
         return 0
-    from tqdm import tqdm
-
     from precompute.decode import clips_in_flight, free_shared_memory, out_of_shared_memory, plan_decoding
 
     markers = cache.root / "decoding" / f"rank-{rank}"  # a rank reads only its own workers' markers
@@ -318,7 +330,7 @@ def _encode_media(job: FeatureJob, todo: list[Item], encoder, cache: WorkCache, 
     plan = plan_decoding(default_workers() if job.workers is None else job.workers, job.batch_size,
                          job.runtime.mode, job.window_sec)
     encoded = 0
-    with tqdm(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
+    with progress_bar(total=len(todo), desc="encoding clips", unit="clip", disable=not show_progress) as progress:
         pending = todo
         while pending:
             try:
@@ -364,22 +376,25 @@ def _decode_and_encode(job: FeatureJob, todo: list[Item], encoder, cache: WorkCa
                         collate_fn=collate_segments)
     encoded = 0
     batches = iter(loader)
-    while True:
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        encoder.seconds["decode (waited for)"] += time.perf_counter() - waited
-        if batch is None:
-            break
-        good = [(index, segment) for index, segment, _ in batch if segment is not None]
-        for index, _, reason in batch:
-            if reason is not None:
-                cache.put_skip(todo[index].media_key, reason)
-        if good:
-            features = encoder.encode_media([segment for _, segment in good])
-            for row, (index, _) in enumerate(good):
-                cache.put("media", todo[index].media_key, {k: v[row] for k, v in features.items()})
-            encoded += len(good)
-        progress.update(len(batch))
+    try:
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            encoder.seconds["decode (waited for)"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            good = [(index, segment) for index, segment, _ in batch if segment is not None]
+            for index, _, reason in batch:
+                if reason is not None:
+                    cache.put_skip(todo[index].media_key, reason)
+            if good:
+                features = encoder.encode_media([segment for _, segment in good])
+                for row, (index, _) in enumerate(good):
+                    cache.put("media", todo[index].media_key, {k: v[row] for k, v in features.items()})
+                encoded += len(good)
+            progress.update(len(batch))
+    finally:
+        del batches  # the workers stop now, also when an error is on its way up (its traceback keeps this frame)
     return encoded
 
 

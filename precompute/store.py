@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, SKIPPED_NAME, TSV_NAME
-from shared.outputs import OutputError, atomic_path, atomic_write_text, mark_folder, ours, replace_folder
+from shared.outputs import OutputError, atomic_path, atomic_write_text, mark_folder, ours, replace_folder, require_space
 
 MEDIA_KEYS = ("mean", "std", "clip_features", "sync_features", "duration_sec")
 TEXT_KEY = "text_features"
@@ -87,6 +88,7 @@ class WorkCache:
     def put(self, kind: str, key: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
+        require_space(self.root, sum(t.numel() * t.element_size() for t in tensors.values()), "an encoded clip")
         with atomic_path(self._path(kind, key)) as temporary:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
 
@@ -123,6 +125,8 @@ def write_output(out: Path, rows: list[dict], shapes: dict[str, tuple[int, ...]]
         shutil.rmtree(staging)
     mark_folder(staging, "scratch")
     count = len(rows)
+    per_row = sum(4 * math.prod(shape) for shape in shapes.values())  # float32
+    require_space(staging, count * per_row, f"the feature memmap ({count} clips)")
     template = TensorDict({key: torch.zeros(()).expand(count, *shape) for key, shape in shapes.items()},
                           batch_size=[count])
     memmap = template.memmap_like(prefix=staging / MEMMAP_DIR, num_threads=0)

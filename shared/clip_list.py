@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shared.errors import UserError, is_plain_file_name
+from shared.errors import UserError, id_length_problem, is_plain_file_name
 
 
 class ClipListError(UserError):
@@ -158,6 +158,11 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
     if problems:
         raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))
     clips = _assign_ids(clips, video_root.resolve())
+    too_long = [(clip.row, problem) for clip in clips if (problem := id_length_problem(clip.id))]
+    if too_long:
+        raise ClipListError(f"{tsv}: row {too_long[0][0]}: {too_long[0][1]}"
+                            + (f" (+{len(too_long) - 1} more rows)" if len(too_long) > 1 else "")
+                            + "; give the list an `id` column with shorter ids")
     duplicates: dict[str, list[int]] = {}
     for clip in clips:
         duplicates.setdefault(clip.id, []).append(clip.row)

@@ -85,6 +85,14 @@ def mixed_precision(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
+def full_precision(device: torch.device):
+    """float32 for what must stay float32 (the VAE, the mel converter, the vocoder), even when called
+    inside a bf16 region (the trainer's audio samples, a user's own autocast)."""
+    import torch
+
+    return torch.autocast(device.type, enabled=False)
+
+
 def cuda_status() -> str:
     """One line on CUDA: usable or not, which GPU, whether bf16 works, after a real operation."""
     import torch

@@ -85,6 +85,19 @@ class Ranks:
         dist.all_reduce(tensor)
         return tensor.item()
 
+    def from_main(self, value: float | None) -> float | None:
+        """Rank 0's value, on every rank. Whatever ends or branches a loop is decided on it: numbers
+        each rank computes for itself can differ by a rounding, and a rank that leaves the loop alone
+        leaves the others waiting for it until the collective timeout."""
+        if not self.grouped:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value is not None, 0.0 if value is None else value], dtype=torch.float64,
+                              device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor[1].item() if tensor[0].item() else None
+
     def total(self, count: int) -> int:
         """The sum of a count over all ranks."""
         return int(self._sum(count, torch.int64)) if self.grouped else count

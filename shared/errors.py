@@ -23,6 +23,20 @@ def describe_os_error(error: OSError) -> str:
     return f"{path}: {reason}" if path else reason
 
 
+# Clip ids become file names with up to 32 bytes added (`.<id>_frames.png.<random>.tmp`), and a
+# name may have 255 bytes on common file systems.
+MAX_ID_BYTES = 200
+
+
+def id_length_problem(clip_id: str) -> str | None:
+    """Why an id is too long to become a file name, or None."""
+    size = len(clip_id.encode("utf-8"))
+    if size <= MAX_ID_BYTES:
+        return None
+    return (f"id {clip_id[:40]!r}... is {size} bytes; ids become file names (with up to 32 bytes added, and 255 "
+            f"allowed), so at most {MAX_ID_BYTES}")
+
+
 def is_plain_file_name(name: str) -> bool:
     """A name that stays inside the folder it is joined to: no separator, not `.`/`..`, not hidden."""
     return (bool(name) and name not in (".", "..") and not name.startswith(".") and "\x00" not in name

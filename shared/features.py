@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from shared.errors import UserError, is_plain_file_name
+from shared.errors import UserError, id_length_problem, is_plain_file_name
 from shared.feature_files import MANIFEST_NAME, MEMMAP_DIR, TSV_NAME
 from shared.models.sequence import MIN_CLIP_SEC
 
@@ -99,6 +99,8 @@ def _read_rows(tsv_path: Path) -> list[dict[str, str]]:
     for line, row in enumerate(rows, start=2):
         if not is_plain_file_name(row.get("id") or ""):
             raise FeatureFormatError(f"{tsv_path}: row {line}: id {row.get('id')!r} is not a plain file name")
+        if problem := id_length_problem(row["id"]):
+            raise FeatureFormatError(f"{tsv_path}: row {line}: {problem}")
     return rows
 
 
@@ -294,12 +296,44 @@ def source_folds(ids: list[str], groups: list[str], folds: int) -> list[list[str
     return [sorted(fold, key=ids.index) for fold in assigned]
 
 
+CONTENT_KEYS = ("mean", "std", "clip_features", "sync_features", "text_features", "duration_sec")
+
+
+def clip_digest(tensors: dict[str, torch.Tensor], caption: str) -> str:
+    """One clip as the trainer reads it: its caption and its tensors' float32 values."""
+    digest = hashlib.sha1(caption.encode("utf-8"))
+    for key in CONTENT_KEYS:
+        if key in tensors:
+            value = tensors[key].to(torch.float32).contiguous()
+            digest.update(f"{key}{tuple(value.shape)}".encode())
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def feature_fingerprint(directory: str | Path) -> str:
-    """What a feature folder holds, in one digest: its clips, captions, groups and their encodings
-    (from the manifest; the clip list's text for folders made by another tool)."""
+    """What the trainer reads from a feature folder, in one digest: each clip's id, caption and
+    tensors, read from the folder itself (a few hundred MB hash in about a second). A column that
+    only groups clips, or a re-encoding that gives the same values, changes nothing."""
+    from tensordict import TensorDict
+
     directory = Path(directory)
+    rows = _read_rows(_feature_tsv(directory))
     try:
-        rows = json.loads((directory / MANIFEST_NAME).read_text())["rows"]
+        memmap = TensorDict.load_memmap(directory / MEMMAP_DIR)
+    except Exception:  # not a memmap folder (tensordict raises several types)
+        raise FeatureFormatError(f"{directory}: no readable {MEMMAP_DIR}/; is this a folder written by "
+                                 "`mmaudio-lora features`?") from None
+    pairs = [[row["id"], clip_digest({key: memmap[key][n] for key in CONTENT_KEYS if key in memmap.keys()},
+                                     row.get("label") or "")] for n, row in enumerate(rows)]
+    return "content:" + hashlib.sha1(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
+def legacy_fingerprints(directory: str | Path) -> set[str]:
+    """The digests runs recorded before content fingerprints (the manifest's rows, with and without
+    the group column), so such a run still recognises its unchanged features."""
+    try:
+        rows = json.loads((Path(directory) / MANIFEST_NAME).read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError):
-        rows = _feature_tsv(directory).read_text(encoding="utf-8")
-    return hashlib.sha1(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+        return set()
+    variants = [rows, [row[:2] + row[3:] if len(row) == 5 else row for row in rows]]
+    return {hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for v in variants}

@@ -15,7 +15,7 @@ from torch import nn
 
 from shared.errors import UserError
 from shared.models.network import MMAudio
-from shared.outputs import replace_folder
+from shared.outputs import replace_folder, require_space
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_INFO = "mmaudio_lora.json"  # which base network the adapter belongs to (peft does not record it)
@@ -62,6 +62,12 @@ def add_lora(network: MMAudio, config) -> nn.Module:
     targets = [name for name, _ in network.named_modules() if _full_match(config.target_modules, name)]
     if not targets:
         raise AdapterError(f"target_modules {config.target_modules!r} matches no module of the network")
+    containers = [n for n in targets if not isinstance(network.get_submodule(n), (nn.Linear, nn.Conv1d))]
+    if containers:
+        kind = type(network.get_submodule(containers[0])).__name__
+        raise AdapterError(f"target_modules {config.target_modules!r} matches {containers[0]} ({kind}), which holds "
+                           "layers rather than being one; LoRA goes on Linear (or Conv1d) layers: match names such "
+                           "as joint_blocks.0.latent_block.attn.qkv")
     if config.use_dora:
         convs = [n for n in targets if not isinstance(network.get_submodule(n), nn.Linear)]
         if convs:
@@ -90,11 +96,17 @@ def save_adapter(peft_model, directory: Path, info: dict[str, str], card: str | 
     temporary = directory.with_name(f".{directory.name}.tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
+    require_space(directory.parent, adapter_bytes(peft_model), "an adapter")
     peft_model.save_pretrained(str(temporary))
     (temporary / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if card is not None:
         (temporary / "README.md").write_text(card)
     replace_folder(temporary, directory)
+
+
+def adapter_bytes(peft_model) -> int:
+    """What the adapter's tensors take on disk (about)."""
+    return sum(t.numel() * t.element_size() for t in adapter_state(peft_model).values()) + 2 ** 20
 
 
 def adapter_info(directory: str | Path) -> dict[str, str]:
@@ -124,6 +136,10 @@ def load_adapter(network: MMAudio, directory: str | Path, is_trainable: bool = F
     except Exception as error:  # peft/safetensors raise many types for bad files
         raise AdapterError(f"{directory}: cannot load this adapter onto the network "
                            f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+    broken = [name for name, tensor in adapter_state(model).items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise AdapterError(f"{directory}: {len(broken)} of the adapter's tensors are not finite (a diverged run, e.g. "
+                           f"{broken[0]}); use a checkpoint from before it diverged")
     return model
 
 

@@ -179,10 +179,36 @@ def ours(path: str | os.PathLike) -> bool:
     return folder_kind(path) is not None or any(folder_kind(parent) is not None for parent in path.parents)
 
 
+FULL_BELOW = 16 * 2 ** 20  # free bytes under which a failed write is put down to a full disk
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space of the file system that holds `path` (or would: its nearest existing folder)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def require_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Stop with one line before writing `needed` bytes at `path` when the disk cannot take them
+    (a memmap written to a full disk kills the process with SIGBUS, and no message)."""
+    free = free_bytes(path)
+    if free < needed + FULL_BELOW:
+        raise OutputError(f"{path}: not enough disk space for {what}: {_size(needed)} needed, {_size(free)} free; "
+                          "free some space (or write elsewhere) and run again")
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """The one way we write a file: into a temporary file beside `path` (yielded), renamed onto
-    `path` when the block succeeds and removed when it fails, so `path` is never half written."""
+    `path` when the block succeeds and removed when it fails, so `path` is never half written. A
+    write that fails on a full disk (whatever the writer raised: torch, safetensors, the OS) is one
+    line naming the path and the space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -192,6 +218,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         os.chmod(temporary, 0o644)  # mkstemp makes it private; ours are ordinary files
         os.replace(temporary, path)
+    except Exception:
+        temporary.unlink(missing_ok=True)
+        if free_bytes(path.parent) < FULL_BELOW:
+            raise OutputError(f"{path}: the disk is full ({_size(free_bytes(path.parent))} free); free some space "
+                              "and run again (nothing half-written was left)") from None
+        raise
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -23,13 +23,15 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False, **options):
-    """A tqdm bar for `total` steps of `unit`; written as lines when stderr is not a terminal."""
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False,
+             **options):
+    """A tqdm bar over `iterable` (or for `total` steps) of `unit`; written as lines when stderr is not
+    a terminal."""
     from tqdm import tqdm
 
     stream = sys.stderr
     if disable or stream.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, disable=disable, **options)
-    every = max(1, int((total or 0) * LOG_EVERY_FRACTION))
-    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(stream), mininterval=LOG_EVERY_SECONDS,
-                miniters=every, ascii=True, ncols=100, **options)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, **options)
+    count = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else 0)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_Lines(stream), mininterval=LOG_EVERY_SECONDS,
+                miniters=max(1, int(count * LOG_EVERY_FRACTION)), ascii=True, ncols=100, **options)

@@ -14,7 +14,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from shared.errors import UserError
@@ -70,6 +71,30 @@ def finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")  # what the trainer names its checkpoints, exactly
+_left_alone: set[str] = set()  # folders already named in this process (said once)
+
+
+def checkpoint_folders(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's checkpoints, oldest first: only the names the trainer writes
+    (`step-000250`). Anything else in checkpoints/ (a copy the user keeps) is never listed, rotated
+    or read, and is named once."""
+    folder = Path(run) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found, other = [], []
+    for path in folder.iterdir():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+        elif str(path) not in _left_alone:
+            _left_alone.add(str(path))
+            other.append(path.name)
+    if other:
+        log.warning("%s: left alone (not checkpoints of ours): %s", folder, ", ".join(sorted(other)))
+    return sorted(found)
 
 
 def read_metrics_log(run: str | os.PathLike) -> list[dict]:
@@ -143,24 +168,58 @@ class Split:
         return (f"validation: {len(self.val_ids)} clip{'s' if len(self.val_ids) != 1 else ''} from {len(held)} "
                 f"source video{'s' if len(held) != 1 else ''} ({overlap}){choices}")
 
-    def changes(self) -> list[str]:
-        """One line per recorded feature folder that is gone or differs from when the run started."""
-        from shared.features import FeatureFormatError, feature_fingerprint, feature_ids
+    def holds_features_of(self, recorded: str, folder: str) -> bool:
+        """Whether `folder` holds what the recorded folder held when the run started."""
+        from shared.features import FeatureFormatError, feature_fingerprint, legacy_fingerprints
 
-        recorded = set(self.train_ids) | set(self.val_ids)
-        present: dict[str, set[str]] = {}
+        fingerprint = self.feature_folders[recorded]
+        try:
+            if fingerprint.startswith("content:"):
+                return feature_fingerprint(folder) == fingerprint
+            return fingerprint in legacy_fingerprints(folder)
+        except (FeatureFormatError, OSError):
+            return False
+
+    def relocation(self, folders: list[str]) -> dict[str, str]:
+        """Recorded feature folders that moved: {recorded: current} where a folder given now, and not
+        recorded, holds the same features (a project folder moved or renamed)."""
+        unclaimed = [f for f in folders if f not in self.feature_folders]
+        moved = {}
+        for recorded in self.feature_folders:
+            if recorded in folders:
+                continue
+            found = next((f for f in unclaimed if self.holds_features_of(recorded, f)), None)
+            if found is not None:
+                moved[recorded] = found
+                unclaimed.remove(found)
+        return moved
+
+    def relocated(self, folders: list[str]) -> "Split":
+        """The same split with moved feature folders recorded where they are now."""
+        moved = self.relocation(folders)
+        return replace(self, feature_folders={moved.get(k, k): v for k, v in self.feature_folders.items()})
+
+    def changes(self, folders: list[str] | None = None) -> list[str]:
+        """One line per recorded feature folder that is gone or differs from when the run started
+        (`folders`: the ones given now, among which a moved folder is found by its content)."""
+        from shared.features import FeatureFormatError, feature_ids
+
+        moved = self.relocation(folders) if folders is not None else {}
+        recorded = set(self.train_ids) | set(self.val_ids) | set(self.tuning_ids)
+        present: dict[str, tuple[str, set[str]]] = {}
         lines = []
         for folder in self.feature_folders:
+            where = moved.get(folder, folder)
             try:
-                present[folder] = set(feature_ids(folder))
+                present[folder] = (where, set(feature_ids(where)))
             except FeatureFormatError:
                 lines.append(f"{folder}: the run's features are gone (moved or deleted)")
-        missing = len(recorded - set().union(*present.values()))
-        for folder, ids in present.items():
-            if feature_fingerprint(folder) == self.feature_folders[folder]:
+        missing = len(recorded - set().union(*(ids for _, ids in present.values())))
+        for folder, (where, ids) in present.items():
+            if self.holds_features_of(folder, where):
                 continue
             added = len(ids - recorded)
             detail = ", ".join(part for part in (f"{added} clip(s) added" if added else "",
                                                  f"{missing} of the run's clips gone" if missing else "") if part)
-            lines.append(f"{folder}: changed since the run started ({detail or 'clips re-encoded or captions edited'})")
+            lines.append(f"{where}: changed since the run started ({detail or 'clips re-encoded or captions edited'})")
         return lines

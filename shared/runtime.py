@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from shared.device import check_device, check_precision
 from shared.errors import UserError
 from shared.profiles import check_profile
-from shared.models.sequence import (AUDIO_MODES, DEFAULT_VARIANT, DEFAULT_WINDOW_SEC, MIN_CLIP_SEC, VARIANT_MODES,
-                                    SequenceConfig)
+from shared.models.sequence import (AUDIO_MODES, CLIP_FPS, DEFAULT_VARIANT, DEFAULT_WINDOW_SEC, MIN_CLIP_SEC,
+                                    VARIANT_MODES, SequenceConfig)
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +38,22 @@ def mode_of(variant: str) -> str:
 
 
 def check_window(window_sec: float, what: str = "--window") -> float:
-    """A feature window the network can train on: one Synchformer window up to the 8 s window."""
-    if not (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
-            and MIN_CLIP_SEC <= window_sec <= DEFAULT_WINDOW_SEC):
-        raise UserError(f"{what} must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
-                        f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {window_sec}")
+    """A feature window the network can train on: whole CLIP frames (8 a second), from the first
+    such length that holds a Synchformer window (0.75 s) up to the networks' 8 s; a wrong one is
+    refused with the nearest valid values."""
+    step = 1 / CLIP_FPS
+    shortest = math.ceil(MIN_CLIP_SEC * CLIP_FPS) / CLIP_FPS
+    valid = (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
+             and shortest <= window_sec <= DEFAULT_WINDOW_SEC and float(window_sec * CLIP_FPS).is_integer())
+    if not valid:
+        nearest = ""
+        if isinstance(window_sec, (int, float)) and math.isfinite(window_sec):
+            low = min(max(math.floor(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
+            high = min(max(math.ceil(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
+            nearest = f"; nearest: {low:g}" + (f" or {high:g}" if high != low else "")
+        raise UserError(f"{what} {window_sec}: must be a multiple of {step:g} s (CLIP takes {CLIP_FPS} frames a "
+                        f"second) from {shortest:g} s (one Synchformer window) to {DEFAULT_WINDOW_SEC:g} s (the "
+                        f"networks' window){nearest}")
     return float(window_sec)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.device import full_precision
 from shared.errors import UserError
 from shared.models.flow import euler_sample
 from shared.models.network import MMAudio
@@ -106,12 +107,16 @@ class AudioDecoder:
     @torch.no_grad()
     def mel(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, N, latent_dim) → log-mel (B, bins, 2N), float32."""
-        return self.runtime.vae_decoder().decode(latents.transpose(1, 2).float().to(self.runtime.torch_device))
+        device = self.runtime.torch_device
+        with full_precision(device):
+            return self.runtime.vae_decoder().decode(latents.transpose(1, 2).float().to(device))
 
     @torch.no_grad()
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """Log-mel (B, bins, T) → mono audio (B, T * hop) at the mode's rate, on the CPU."""
-        return self.runtime.vocoder()(mel.float().to(self.runtime.torch_device)).squeeze(1).float().cpu()
+        device = self.runtime.torch_device
+        with full_precision(device):
+            return self.runtime.vocoder()(mel.float().to(device)).squeeze(1).float().cpu()
 
     @torch.no_grad()
     def waveform(self, latents: torch.Tensor) -> torch.Tensor:

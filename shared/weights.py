@@ -201,12 +201,12 @@ def _fetch_once(url: str, partial: Path, progress) -> int | None:
 
 def download_file(url: str, destination: Path, *, md5: str | None = None, attempts: int = 5) -> Path:
     """Fetch `url` into `destination`, resuming a partial `.part` file, verifying, renaming atomically."""
-    from tqdm import tqdm
+    from shared.progress import progress as progress_bar
 
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
     total = None
-    with tqdm(desc=destination.name, unit="B", unit_scale=True, leave=False) as progress:
+    with progress_bar(desc=destination.name, unit="B", unit_scale=True, leave=False) as progress:
         for attempt in range(1, attempts + 1):
             try:
                 total = _fetch_once(url, partial, progress)

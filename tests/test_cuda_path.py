@@ -54,8 +54,9 @@ def test_decoding_is_bounded_by_free_shared_memory():
     assert (roomy.workers, roomy.prefetch) == (12, 2)
     container = plan_decoding(12, 8, "44k", 8.0, free_bytes=2 * 10**9)  # a 2 GB /dev/shm
     assert container.workers * container.prefetch * 8 * per_clip <= 10**9 and container.workers >= 1
-    tiny = plan_decoding(12, 8, "44k", 8.0, free_bytes=64 * 10**6)  # docker's default 64 MB
-    assert (tiny.workers, tiny.prefetch) == (1, 1)
+    tiny = plan_decoding(12, 8, "44k", 8.0, free_bytes=64 * 10**6)  # docker's default 64 MB: not one batch fits
+    assert (tiny.workers, tiny.prefetch) == (0, None)  # decoded in the main process, never a worker that hangs
+    assert plan_decoding(12, 1, "16k", 1.0, free_bytes=64 * 10**6).workers >= 1  # small batches still fit
     assert plan_decoding(0, 8, "44k", 8.0, free_bytes=64 * 10**6).workers == 0
     assert out_of_shared_memory(RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is "
                                              "possible that dataloader's workers are out of shared memory."))

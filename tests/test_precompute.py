@@ -212,6 +212,13 @@ def test_split_long_cuts_consecutive_windows(dataset, tmp_path):
     assert [r["id"] for r in rows] == ["city__long_11s_w0", "city__long_11s_w1"]
     assert td["duration_sec"].tolist() == pytest.approx([8.0, 3.0], abs=0.05)
     assert rows[0]["group"] == rows[1]["group"]  # the windows of one source are one group
+    # a row whose id is a window's name: refused at planning, before any encoding
+    clash = tmp_path / "clash.tsv"
+    clash.write_text("video_path\tstart_time\tend_time\tcaption\tid\ncity/long_11s.mp4\t0\t11\tstreet\tx\n"
+                     "city/long_11s.mp4\t0\t2\tstart\tx_w1\n")
+    with pytest.raises(ClipListError, match=r"id 'x_w1' names a window of one row and another row \(rows 2, 3\)"):
+        run_features(_job(clash, videos, tmp_path / "clash", split_long=True), show_progress=False)
+    assert not (tmp_path / "clash").exists()
 
 
 LIST_ERRORS = {  # name: (the list, what the one-line error must say)

@@ -74,11 +74,14 @@ def test_resume_refuses_other_settings_and_data_and_records_what_may_change(feat
     assert "trained 2 steps (now at step 4)" in longer.output
     assert json.loads((run / "config.json").read_text())["steps"] == 4
 
-    other = runner.invoke(app, [*base[:2], str(features), *base[3:], "--steps", "6", "--resume"])
-    assert other.exit_code == 1 and f"features [{str(data)!r}] → [{str(features)!r}]" in other.output
-    manifest = json.loads((data / "manifest.json").read_text())  # the same folder, other clips in it
-    manifest["rows"] = manifest["rows"][:-1]
-    (data / "manifest.json").write_text(json.dumps(manifest))
+    other = tmp_path / "other"  # another folder, other content: refused
+    shutil.copytree(features, other)
+    from tensordict import TensorDict
+
+    TensorDict.load_memmap(other / "memmap")["mean"][0] += 1.0  # a clip re-encoded to other values
+    refused = runner.invoke(app, [*base[:2], str(other), *base[3:], "--steps", "6", "--resume"])
+    assert refused.exit_code == 1 and f"features [{str(data)!r}] → [{str(other)!r}]" in refused.output
+    TensorDict.load_memmap(data / "memmap")["mean"][0] += 1.0  # the run's own folder, its content changed
     changed = runner.invoke(app, [*base, "--steps", "6", "--resume"])
     assert changed.exit_code == 1 and f"{data}: changed since the run started" in changed.output
 
@@ -147,8 +150,8 @@ def test_short_segments_are_skipped_and_windows_checked_before_any_model(feature
     tsv.write_text("video_path\tstart_time\tend_time\tcaption\na.mp4\t0\t2.5\tlong enough\n"
                    "a.mp4\t2.5\t3.0\tcut near the end\n")
     runtime = Runtime(mode="16k", profile="tiny")
-    for window in (0.3, -1.0, 1000.0):
-        with pytest.raises(UserError, match="--window must be between 0.64 s"):
+    for window in (0.3, -1.0, 1000.0, 1.3, 0.7):
+        with pytest.raises(UserError, match=r"--window \S+: must be a multiple of 0.125 s .* from 0.75 s"):
             run_features(FeatureJob(tsv=tsv, video_root=videos, out=tmp_path / "never", runtime=runtime,
                                     window_sec=window))
     assert runtime.loaded_models == [] and not (tmp_path / "never").exists()
@@ -160,9 +163,17 @@ def test_short_segments_are_skipped_and_windows_checked_before_any_model(feature
                                  str(tmp_path / "f4"), "--profile", "tiny", "--mode", "16k", "--window", "4",
                                  "--strict"])
     assert strict.exit_code == 1 and "1 clip(s) are skipped and --strict is set" in strict.output  # up to date too
-    # features of a 4 s window train at that window
+    with pytest.raises(UserError, match="nearest: 1.25 or 1.375"):
+        run_features(FeatureJob(tsv=tsv, video_root=videos, out=tmp_path / "never", runtime=runtime, window_sec=1.3))
+    # features of a 4 s window train at that window, and the run evaluates and generates at it
     result = train(tiny(tmp_path / "f4", tmp_path / "run", batch_size=1, val_fraction=0.0), show_progress=False)
     assert result.steps == 2 and (tmp_path / "run" / "adapter").is_dir()
+    evaluated = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--features", str(tmp_path / "f4"),
+                                    "--allow-trained", "--steps", "1", "--seeds", "1", "--out", str(tmp_path / "e.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    generated = runner.invoke(app, ["generate", "--run", str(tmp_path / "run"), "--features", str(tmp_path / "f4"),
+                                    "--out", str(tmp_path / "generated"), "--steps", "1"])
+    assert generated.exit_code == 0, generated.output
 
 
 def test_random_bytes_are_not_called_code(tmp_path):

@@ -65,6 +65,10 @@ class TrainConfig:
     # Recompute each transformer block's activations in the backward pass: far less memory
     # (large_44k_v2 LoRA at batch 8 on a 24 GB card) for about a third more time per step.
     gradient_checkpointing: bool = False
+    # torch.compile of each transformer block (regional: seconds, not minutes; one graph per block
+    # structure for every length bucket). auto: on for CUDA (MMAudio's own trainer compiles), off on
+    # the CPU, where inductor's code generation costs more than a short run gains.
+    compile: str = "auto"  # auto, on, off
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on the CPU; or bf16, fp32
@@ -84,6 +88,9 @@ class TrainConfig:
     keep_last: int = 2
     # Stop after this many validations without a new best (0: never); the best adapter is the result.
     early_stopping_patience: int = 0
+    # A step whose loss is not finite updates nothing; this many in a row stop the run as diverged
+    # (non-zero exit; the last checkpoint, whose weights are finite, stays).
+    max_nonfinite_steps: int = 5
     # audio samples (0: off): the first `sample_clips` validation clips (training clips without a
     # validation split), written to RUN/samples/ and TensorBoard
     sample_every: int = 0
@@ -122,6 +129,8 @@ class TrainConfig:
         check_profile(self.profile)
         if self.variant is not None:
             mode_of(self.variant)
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"compile must be auto, on or off, not {self.compile!r}")
         if self.schedule not in ("cosine", "constant"):
             raise UserError(f"schedule must be cosine or constant, not {self.schedule!r}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.tuning_fraction < 1:
@@ -136,9 +145,11 @@ class TrainConfig:
         if self.early_stopping_patience < 0 or self.warmup_steps < 0:
             raise UserError("early_stopping_patience and warmup_steps must be ≥ 0")
         if min(self.steps, self.batch_size, self.grad_accumulation, self.rank, self.val_every, self.log_every,
-               self.checkpoint_every, self.keep_last) < 1:
-            raise UserError("steps, batch_size, grad_accumulation, rank, val_every, log_every, checkpoint_every "
-                            "and keep_last must be positive")
+               self.checkpoint_every, self.keep_last, self.max_nonfinite_steps) < 1:
+            raise UserError("steps, batch_size, grad_accumulation, rank, val_every, log_every, checkpoint_every, "
+                            "keep_last and max_nonfinite_steps must be positive")
+        if not 0 <= self.seed < 2 ** 63:
+            raise UserError(f"seed must be between 0 and 2^63 - 1, not {self.seed}")
         for name in ("lr", "alpha", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, not {getattr(self, name)}")
@@ -193,6 +204,7 @@ class TrainConfig:
 # What a resumed run may change (and records): how long it runs, how often it reports, where it
 # runs. Everything else (data, split, LoRA shape, optimisation, seed) would mix two runs in one.
 RESUMABLE = frozenset({"steps", "val_every", "log_every", "checkpoint_every", "keep_last", "early_stopping_patience",
+                       "max_nonfinite_steps", "compile",
                        "sample_every", "sample_clips", "sample_steps", "sample_cfg", "device", "precision",
                        "gradient_checkpointing", "weights_dir", "run"})
 
@@ -203,7 +215,7 @@ def _comparable(value):
 
 def read_toml(path: str | Path) -> dict:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is fine
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:

@@ -22,7 +22,7 @@ import torch
 
 from shared.errors import UserError
 from shared.outputs import atomic_write_text, check_output_folder, folder_kind, mark_folder
-from shared.run_record import CONFIG_FILE, METRICS_FILE, Split, finite_or_none, read_metrics_log
+from shared.run_record import CONFIG_FILE, METRICS_FILE, Split, checkpoint_folders, finite_or_none, read_metrics_log
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ STATE_FILE = "trainer_state.pt"
 
 def complete_checkpoints(run: Path) -> list[Path]:
     """The run's checkpoints that finished writing, newest first."""
-    checkpoints = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
-    return [c for c in checkpoints if (c / STATE_FILE).is_file() and (c / "adapter").is_dir()]
+    return [folder for _, folder in reversed(checkpoint_folders(run))
+            if (folder / STATE_FILE).is_file() and (folder / "adapter").is_dir()]
 
 
 class DamagedCheckpoint(Exception):
@@ -67,11 +67,10 @@ def newest_readable_checkpoint(run: Path) -> tuple[Path, dict, dict] | None:
     return None
 
 
-def prepare_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
-    """The run folder, checked and marked: new, empty, or a run of ours, continued only with
-    --resume (and the same data and settings), replaced whole only with --overwrite. A run of ours
-    that never saved a checkpoint (it failed early) starts afresh. Anything else is refused
-    before any work."""
+def check_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    """Whether the run folder may be used as asked (nothing is written): new, empty, or a run of
+    ours, continued only with --resume (and the same data and settings), replaced only with
+    --overwrite. Anything else is refused before any work."""
     run = check_output_folder(config.run, "run", protected=tuple(Path(f) for f in config.features))
     ours = folder_kind(run) == "run"
     started = ours and (bool(complete_checkpoints(run)) or (run / "adapter").is_dir())
@@ -80,7 +79,15 @@ def prepare_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> Pa
     elif started and not overwrite:
         raise UserError(f"{run}: already holds a training run; pass --resume to continue it "
                         "or --overwrite to replace it")
-    elif ours:
+    return run
+
+
+def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
+    """The run folder made ready to write, once everything the new run needs has been checked: an
+    earlier run of ours is deleted whole (unless it is continued; one that never saved a checkpoint
+    starts afresh), and the folder is marked."""
+    run = Path(config.run)
+    if folder_kind(run) == "run" and not resume:
         shutil.rmtree(run)
     return mark_folder(run, "run")
 
@@ -89,10 +96,24 @@ def check_resumable(run: Path, config: TrainConfig) -> None:
     """Refuse to continue a run with other data or settings than it recorded, naming each difference."""
     if not (run / CONFIG_FILE).is_file():
         return  # stopped before it recorded anything: nothing to mix, it starts at step 0
-    changes = config.changes_from(TrainConfig.from_recorded(run).resolved())
+    recorded = TrainConfig.from_recorded(run).resolved()
     split = Split.load(run)
+    if split is not None:  # a moved project: the same features (by content) at another path are the same data
+        moved = split.relocation(config.features)
+        for old, new in moved.items():
+            log.info("%s: the run's features %s are now at %s; recorded there from now on", run, old, new)
+        recorded.features = [moved.get(folder, folder) for folder in recorded.features]
+    if (recorded.checkpoint and config.checkpoint and recorded.checkpoint != config.checkpoint
+            and not Path(recorded.checkpoint).exists() and Path(recorded.checkpoint).name == Path(config.checkpoint).name):
+        log.info("%s: the base checkpoint %s is now at %s", run, recorded.checkpoint, config.checkpoint)
+        recorded.checkpoint = config.checkpoint
+    changes = config.changes_from(recorded)
+    if split is None and complete_checkpoints(run):
+        raise UserError(f"{run}: made by an older version that did not record its split (split.json): which clips "
+                        "it validated on cannot be recovered from today's features, and continuing could train on "
+                        "them; start a new run (a new --run, or --overwrite)")
     if split is not None:
-        changes += split.changes()
+        changes += split.changes(config.features)
     if changes:
         raise UserError(f"{run}: --resume would mix two runs: {'; '.join(changes)}. Continue with the recorded "
                         "settings, or start a new --run (or --overwrite this one)")

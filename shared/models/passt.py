@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.models.resample import TORCHAUDIO_DEFAULT_FILTER, resample
+from shared.models.synchformer import FeedForward
 
 SAMPLE_RATE = 32000
 SCORED_SAMPLES = 320_000  # every clip is scored as 10 s: cut, or zero-padded at the end
@@ -114,23 +115,13 @@ class Attention(nn.Module):
         return self.proj(mixed.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, config: PasstConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.dim, eps=1e-6)
         self.attn = Attention(config.dim, config.num_heads)
         self.norm2 = nn.LayerNorm(config.dim, eps=1e-6)
-        self.mlp = Mlp(config.dim, int(config.dim * config.mlp_ratio))
+        self.mlp = FeedForward(config.dim, int(config.dim * config.mlp_ratio))  # a ViT's fc1, GELU, fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
