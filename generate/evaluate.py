@@ -179,7 +179,7 @@ class Judges:
     def desync(self, sync_features: torch.Tensor, audio: torch.Tensor, rate: int, seconds: float) -> float:
         """DeSync of one clip's audio against its stored video features, both cut to its real length.
         In float32, as av-benchmark scores it: a bf16 argmax could pick another offset class."""
-        from shared.models.desync import to_16k
+        from shared.desync import to_16k
 
         seq = self.runtime.sequence(seconds)
         wave = to_16k(audio[:round(seconds * rate)].float().cpu()[None], rate)

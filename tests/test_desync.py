@@ -78,7 +78,7 @@ def test_clips_shorter_than_four_point_eight_seconds_have_no_desync():
 def test_to_16k_is_torchaudio_resample_at_its_defaults(reference_dir):
     """av-benchmark's reading of generated audio (Hann, 6 crossings, rolloff 0.99), not the training
     extractor's resampler, which sits up to 0.2 away on the same signal."""
-    from shared.models.desync import to_16k
+    from shared.desync import to_16k  # the contract's name (the network lives in shared/models/desync.py)
     from shared.models.resample import resample
 
     golden = load_file(reference_dir / "desync_resample.safetensors")

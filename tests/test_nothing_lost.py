@@ -277,3 +277,19 @@ def test_an_export_killed_between_its_files_recognises_its_own_pth(trained_run, 
     monkeypatch.undo()
     result = export.export_checkpoint(trained_run, out)  # its own half-written pair is taken up again
     assert result.safetensors.is_file() and not export.pending_note(out).exists()
+
+
+def test_make_test_names_the_browser_it_needs_when_it_cannot_install_it(tmp_path):
+    """On a bare machine as an ordinary user, `make test` stops at once with the one command that
+    installs chromium (as root it installs it, as CI does)."""
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "id").write_text("#!/bin/sh\necho 1000\n")  # an ordinary user
+    (bin_folder / "id").chmod(0o755)
+    result = subprocess.run(["/bin/sh", str(REPO / "tests" / "tools" / "require-browser")], capture_output=True,
+                            text=True, env={"PATH": f"{bin_folder}:/nonexistent"})
+    assert result.returncode == 1 and "sudo apt-get install chromium" in result.stderr
+    (bin_folder / "chromium").write_text("#!/bin/sh\n")
+    (bin_folder / "chromium").chmod(0o755)
+    assert subprocess.run(["/bin/sh", str(REPO / "tests" / "tools" / "require-browser")],
+                          env={"PATH": f"{bin_folder}:/nonexistent"}).returncode == 0

@@ -111,3 +111,24 @@ def test_collectives_run_in_a_process_group(tmp_path):
         ranks.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_sync_features_are_float32_whatever_the_precision():
+    """DeSync reads the stored Synchformer features as av-benchmark computes them, in float32: the
+    encoder runs outside the bf16 region that CLIP uses (a bf16 argmax can pick another offset)."""
+    from precompute.encode import FeatureEncoder
+    from shared.media import Segment
+    from shared.models.sequence import SequenceConfig
+    from shared.runtime import Runtime
+
+    seq, generator = SequenceConfig("16k", 1.0), torch.Generator().manual_seed(0)
+    segment = Segment(clip_frames=torch.randint(0, 255, (seq.clip_seq_len, 3, 384, 384), dtype=torch.uint8,
+                                                generator=generator),
+                      sync_frames=torch.randint(0, 255, (seq.sync_frames, 3, 224, 224), dtype=torch.uint8,
+                                                generator=generator),
+                      audio=0.1 * torch.randn(seq.num_audio_samples, generator=generator), duration_sec=1.0)
+    encoded = {precision: FeatureEncoder(Runtime(mode="16k", profile="tiny", device="cpu", precision=precision))
+               .encode_media([segment]) for precision in ("fp32", "bf16")}
+    assert torch.equal(encoded["bf16"]["sync_features"], encoded["fp32"]["sync_features"])
+    assert torch.equal(encoded["bf16"]["mean"], encoded["fp32"]["mean"])  # the VAE: float32 too
+    assert not torch.equal(encoded["bf16"]["clip_features"], encoded["fp32"]["clip_features"])  # CLIP: bf16
