@@ -116,6 +116,9 @@ def check_export_target(out: Path) -> tuple[Path, Path]:
                           f"with {companion.name}); choose another name")
     if out.parent.exists() and not out.parent.is_dir():
         raise OutputError(f"{out.parent}: is not a folder")
+    if pending_note(out).exists() and not _pending(out):
+        raise OutputError(f"{pending_note(out)}: export keeps a note there while it writes, and this file is not one "
+                          "of its notes; move it, or choose another name")
     return out, companion
 
 

@@ -100,7 +100,11 @@ def _two_ranks(rank: int, folder: str) -> None:
     from shared.distributed import Ranks
     from train.choices import Choices
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=2)
+    import datetime
+
+    # a rank left waiting fails within minutes instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(minutes=5))
     ranks = Ranks(rank, 2, torch.device("cpu"), grouped=True)
     mine = [1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99] if rank == 0 else [1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     choices, stopped = Choices(patience=2), None
