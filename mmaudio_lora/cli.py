@@ -265,6 +265,7 @@ def crossval_command(
     from shared.synthesis import SamplingSettings
     from train.config import TrainConfig, read_toml
 
+    logging.getLogger("mmaudio_lora.crossval").setLevel(logging.INFO)  # which fold is running: a line each
     with user_errors():
         settings = TrainConfig()
         if config:
