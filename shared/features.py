@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -313,10 +314,17 @@ def clip_digest(tensors: dict[str, torch.Tensor], caption: str) -> str:
 def feature_fingerprint(directory: str | Path) -> str:
     """What the trainer reads from a feature folder, in one digest: each clip's id, caption and
     tensors, read from the folder itself (a few hundred MB hash in about a second). A column that
-    only groups clips, or a re-encoding that gives the same values, changes nothing."""
+    only groups clips, or a re-encoding that gives the same values, changes nothing. Hashed once
+    per process while the folder's files stay as they are (a crossval's folds all ask)."""
+    directory = Path(directory).resolve()
+    files = sorted(p for p in [_feature_tsv(directory), *(directory / MEMMAP_DIR).rglob("*")] if p.is_file())
+    return _content_fingerprint(directory, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=32)
+def _content_fingerprint(directory: Path, identity: tuple) -> str:
     from tensordict import TensorDict
 
-    directory = Path(directory)
     rows = _read_rows(_feature_tsv(directory))
     try:
         memmap = TensorDict.load_memmap(directory / MEMMAP_DIR)
