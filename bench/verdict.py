@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from generate.verdict import judge  # noqa: E402
+from evaluate.verdict import judge  # noqa: E402
 from shared.features import split  # noqa: E402
 
 SOURCES, CLIPS, METRICS, DATASETS = 16, 67, 3, 2000

@@ -1,1 +1,1 @@
-"""Using a fine-tune: generation (wav and mp4), evaluation and its report, export of the merged checkpoint."""
+"""Using a fine-tune: generation (wav and mp4) and export of the merged checkpoint."""

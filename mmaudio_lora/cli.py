@@ -261,11 +261,11 @@ def crossval_command(
     training side. Resumes: finished folds are neither trained nor scored again. Prints the pooled
     verdict and the step count at which the folds' pooled validation loss was lowest (train the
     adapter you keep on all clips with that many steps)."""
-    from mmaudio_lora.crossval import CrossvalJob, crossval
+    from evaluate.crossval import CrossvalJob, crossval
     from shared.synthesis import SamplingSettings
     from train.config import TrainConfig, read_toml
 
-    logging.getLogger("mmaudio_lora.crossval").setLevel(logging.INFO)  # which fold is running: a line each
+    logging.getLogger("evaluate.crossval").setLevel(logging.INFO)  # which fold is running: a line each
     with user_errors():
         settings = TrainConfig()
         if config:
@@ -417,9 +417,9 @@ def evaluate(
 
     Writes RUN/evaluation.json (or --out) and a report beside it to open in a browser,
     RUN/evaluation/index.html (audio, spectrograms, training curves, the verdict)."""
-    from generate.evaluate import evaluate as run_evaluation
+    from evaluate.held_out import evaluate as run_evaluation
     from generate.model import resolve_source
-    from generate.report import report_folder
+    from evaluate.report import report_folder
     from shared.synthesis import SamplingSettings
 
     with user_errors():

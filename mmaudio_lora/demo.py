@@ -61,7 +61,7 @@ def write_demo_clips(root: Path) -> Path:
 def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -> DemoResult:
     """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model. The
     training settings are written to ROOT/train.toml (a cross-validation of the demo reads them)."""
-    from generate.evaluate import evaluate
+    from evaluate.held_out import evaluate
     from generate.model import resolve_source
     from generate.run import GenerateJob, generate
     from precompute.run import FeatureJob, run_features

@@ -76,7 +76,7 @@ def features(tmp_path_factory):
     return out
 
 
-PROJECT_PACKAGES = ("shared", "precompute", "train", "generate", "mmaudio_lora")
+PROJECT_PACKAGES = ("shared", "precompute", "train", "generate", "evaluate", "mmaudio_lora")
 
 
 class _ImportRefusal(importlib.abc.MetaPathFinder):

@@ -172,7 +172,7 @@ def test_generate_and_export_refuse_paths_they_did_not_write(tmp_path):
     with pytest.raises(OutputError, match="not a file"):
         check_export_target(foreign)
     assert (tmp_path / "model.pth").read_bytes() == b"user's"
-    from generate.evaluate import check_evaluation_target
+    from evaluate.held_out import check_evaluation_target
 
     (tmp_path / "notes.json").write_text('{"mine": 1}')
     with pytest.raises(OutputError, match="did not write"):

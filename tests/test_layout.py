@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("shared", "precompute", "train", "generate", "mmaudio_lora", "bench")
+PACKAGES = ("shared", "precompute", "train", "generate", "evaluate", "mmaudio_lora", "bench")
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -52,3 +52,23 @@ def test_the_scan_sees_an_import_inside_a_function(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import torch\n\ndef load():\n    from shared.weights import require\n    return require\n")
     assert _imported_modules(probe) == {"torch", "shared.weights"}
+
+
+# Which top-level packages each package may import (besides itself and shared/): the pipeline's order.
+ALLOWED_STAGES = {"shared": set(), "precompute": set(), "train": set(), "generate": set(),
+                  "evaluate": {"generate", "train"}, "mmaudio_lora": {"precompute", "train", "generate", "evaluate"},
+                  "bench": {"precompute", "train", "generate", "evaluate", "mmaudio_lora"}}
+
+
+def test_stages_import_only_what_stands_below_them():
+    """shared/ imports no stage; precompute, train and generate never import each other; evaluate/
+    stands above generate/ and nothing but the CLI (and the benches) imports it."""
+    offending = {}
+    for package, allowed in ALLOWED_STAGES.items():
+        for path in _project_files(package):
+            wrong = sorted(name for name in _imported_modules(path) if name.split(".")[0] in PACKAGES
+                           and name.split(".")[0] not in allowed | {package, "shared"})
+            if wrong:
+                offending[str(path.relative_to(REPO))] = wrong
+    assert offending == {}
+    assert set(ALLOWED_STAGES) == set(PACKAGES)

@@ -188,7 +188,7 @@ def test_v2_networks_drop_clip_and_sync_independently_v1_together(monkeypatch):
 
 
 def test_the_test_is_over_sources_exact_and_holm_adjusted():
-    from generate.verdict import MIN_SOURCES, holm, judge, paired_test, sign_flip_p_value
+    from evaluate.verdict import MIN_SOURCES, holm, judge, paired_test, sign_flip_p_value
 
     assert sign_flip_p_value([1.0] * 6) == pytest.approx(2 / 64)  # all 2^6 patterns: only ±all as extreme
     assert sign_flip_p_value([1.0, -1.0]) == 1.0
@@ -220,7 +220,7 @@ def test_no_effect_is_called_no_more_than_five_percent_of_the_time():
     own spread), where an interval over clips did so in 25-50 %."""
     import numpy as np
 
-    from generate.verdict import judge
+    from evaluate.verdict import judge
 
     rng = np.random.default_rng(7)
     calls, datasets = 0, 400
@@ -236,13 +236,13 @@ def test_no_effect_is_called_no_more_than_five_percent_of_the_time():
 
 
 def test_verdict_sentences_say_what_was_decided():
-    from generate.verdict import Evaluation, paired_test
+    from evaluate.verdict import Evaluation, paired_test
 
     sources = {f"c{n}": f"s{n}" for n in range(8)}
     better = {c: -1.0 for c in sources}
     mixed = {c: 0.2 * (-1) ** n for n, c in enumerate(sources)}
     result = Evaluation("small_16k", "here", list(sources), {}, seeds=3, sources=8, group_of=sources)
-    from generate.verdict import judge
+    from evaluate.verdict import judge
 
     result.metrics = judge({"flow_loss": better, "mel_l1": mixed}, sources)
     assert result.verdict() == ("The fine-tune is better in validation flow loss; no clear difference in log-mel L1 "

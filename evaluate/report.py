@@ -9,7 +9,7 @@
 - crossval: RUN/crossval/index.html. The pooled verdict and table, the suggested step count, the
   per-source and per-clip values, and each fold's curves.
 Plots by matplotlib, audio as wav files beside the page, every link URL-encoded (clip ids may
-hold `#` or `?`). It reads the results as given (generate/verdict.py's types; it imports nothing
+hold `#` or `?`). It reads the results as given (evaluate/verdict.py's types; it imports nothing
 of the evaluation itself).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import torch
 
-from generate.verdict import MEANINGS, METRICS, MODELS, kad_line, number, short_cells
+from evaluate.verdict import MEANINGS, METRICS, MODELS, kad_line, number, short_cells
 from shared.outputs import OutputError, folder_kind, mark_folder, replace_folder
 from shared.run_record import read_metrics_log
 

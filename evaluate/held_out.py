@@ -18,7 +18,7 @@ models' audio takes, so the metrics see the models and not the codec.
 
 Each clip is generated with several seeds per model. The verdict is for one adapter strength
 (1.0, or the one given); more strengths are scored as an exploration. What the numbers say (the
-test over sources, Holm, the verdict, JSON) is generate/verdict.py; the report (generate/report.py)
+test over sources, Holm, the verdict, JSON) is evaluate/verdict.py; the report (evaluate/report.py)
 shows it all with the audio, spectrograms and training curves.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from generate.kad import kad_by_source
+from evaluate.kad import kad_by_source
 from generate.model import ModelSource, resolve_source
-from generate.report import check_report_folder, report_folder, write_report
-from generate.verdict import METRICS, MODELS, Evaluation, differences_of, judge
+from evaluate.report import check_report_folder, report_folder, write_report
+from evaluate.verdict import METRICS, MODELS, Evaluation, differences_of, judge
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
 from shared.features import FeatureSet, feature_labels, folders_window

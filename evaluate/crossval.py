@@ -6,7 +6,7 @@ K folds of whole sources (balanced by clip count); fold k trains an adapter on t
 RUN/fold-k/ (an ordinary run folder: its split.json holds the fold's sources out), makes its
 choices on tuning sources drawn from its own training side, and is scored on exactly its held-out
 clips. Pooled, every clip has a paired difference (tuned − base) from an adapter that never saw
-its source, and the test is over all sources (generate/verdict.py).
+its source, and the test is over all sources (evaluate/verdict.py).
 
     RUN/.mmaudio-lora       marks the folder as a cross-validation of ours
     RUN/crossval_plan.json  the folds (sources and clips) and the features' fingerprints
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from generate.evaluate import RealAudio, Scored, Scores, check_scoring, held_out_clips, score_held_out
-from generate.kad import kad_by_source
+from evaluate.held_out import RealAudio, Scored, Scores, check_scoring, held_out_clips, score_held_out
+from evaluate.kad import kad_by_source
 from generate.model import ModelSource
-from generate.report import write_crossval_report
-from generate.verdict import METRICS, MODELS, CrossValidation, Evaluation, differences_of, judge
+from evaluate.report import write_crossval_report
+from evaluate.verdict import METRICS, MODELS, CrossValidation, Evaluation, differences_of, judge
 from shared.errors import UserError
 from shared.features import feature_fingerprint, feature_groups, source_folds
 from shared.outputs import atomic_path, atomic_write_text, claim_output_folder, folder_lock
