@@ -54,10 +54,12 @@ train: $(STAMP)
 		--variant $(VARIANT) --steps $(STEPS) --resume
 
 # K adapters, each judged on the source videos it never saw; the verdict is over all sources.
+# Written beside the run (RUN-crossval), never inside it, whether RUN ends in / or not.
 FOLDS ?= 4
+REPEATS ?= 1
 crossval: $(STAMP)
-	$(BIN)/mmaudio-lora crossval --features $(FEATURES) --run $(RUN)-crossval --checkpoint $(CHECKPOINT) \
-		--variant $(VARIANT) --steps $(STEPS) --folds $(FOLDS)
+	$(BIN)/mmaudio-lora crossval --features $(FEATURES) --run $(patsubst %/,%,$(RUN))-crossval \
+		--checkpoint $(CHECKPOINT) --variant $(VARIANT) --steps $(STEPS) --folds $(FOLDS) --repeats $(REPEATS)
 
 # Audio for a video file or a folder of videos, with the run's final adapter.
 generate: $(STAMP)

@@ -24,6 +24,7 @@ shows it all with the audio, spectrograms and training curves.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ from shared.progress import progress as progress_bar
 from shared.run_record import RunRecordError, Split, checkpoint_folders, read_run_config
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips, use_duration
+from shared.checkpoint import CheckpointError
 from shared.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -64,14 +66,23 @@ class Scores:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # PaSST embeddings per clip (seeds, D)
 
     def mean(self, metric: str) -> float:
-        values = [v for v in self.per_clip[metric].values() if not math.isnan(v)]
-        return sum(values) / len(values) if values else math.nan
+        return mean_of(self.per_clip[metric])
 
     @property
     def failed(self) -> bool:
-        """Not finite where a value is due (a diverged adapter, an extreme strength)."""
-        return any(math.isinf(v) or math.isnan(v) for metric in ("flow_loss", "mel_l1")
-                   for v in self.per_clip[metric].values())
+        return failed(self.per_clip)
+
+
+def mean_of(per_clip: dict[str, float]) -> float:
+    """The mean over clips, those without a value (NaN) left out."""
+    values = [v for v in per_clip.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def failed(per_clip: dict[str, dict[str, float]]) -> bool:
+    """Not finite where a value is due (a diverged adapter, an extreme strength): {metric: {clip: value}}."""
+    return any(math.isinf(v) or math.isnan(v) for metric in ("flow_loss", "mel_l1")
+               for v in per_clip.get(metric, {}).values())
 
 
 # -- the clips -------------------------------------------------------------------------------------------
@@ -82,7 +93,8 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Ru
     (clips, where they come from, notes for the reader, the feature folders read). Clips or sources of `features` that the
     run trained on (or made its choices on) are refused unless `allow_trained`."""
     split_record = Split.load(run)
-    recorded = read_run_config(run)["features"]
+    run_config = read_run_config(run)
+    recorded = run_config["features"]
     moved = split_record.relocation([str(Path(features).resolve())]) if features and split_record else {}
     if moved:  # the run's own features, moved elsewhere: its validation split still says what is held out
         log.warning("%s: holds the run's features (recorded at %s); judging the run's validation clips", features,
@@ -121,7 +133,7 @@ def held_out_clips(run: Path, features: Path | None, ids: list[str], runtime: Ru
         raise UserError(f"{run} trained without a validation split; pass --features with held-out clips")
     if features is None:
         clips = _only(clips, ids) if ids else clips
-        notes.append(_choice_note(split_record))
+        notes.append(_choice_note(split_record, run_config))
     return clips, where, notes, folders
 
 
@@ -150,31 +162,56 @@ def _trained_on(clips: FeatureSet, split_record: Split | None, allow_trained: bo
     return [f"Not held out (--allow-trained): the adapter trained on (or chose on) {listed}."]
 
 
-def _choice_note(split_record: Split | None) -> str:
+def _choice_note(split_record: Split | None, run_config: dict) -> str:
+    """Where the run made its choices, said beside a verdict on its validation clips."""
     if split_record is not None and split_record.tuning_ids:
         return ("The run made its choices (best adapter, early stopping) on separate tuning clips: these clips "
                 "judge an adapter chosen without them.")
-    return ("These are the run's validation clips: if the steps, the checkpoint or the strength were chosen by "
-            "them, the comparison is optimistic; `mmaudio-lora crossval` judges every source with an adapter that "
-            "never saw it.")
+    if run_config.get("early_stopping_patience"):
+        return ("Chosen on the judging clips: the run's early stopping picked its adapter on these same validation "
+                "clips, so the comparison is optimistic; give it tuning clips (tuning_fraction) or judge it with "
+                "`mmaudio-lora crossval`.")
+    return ("These are the run's validation clips and the run chose nothing on them (it trained to its last step); "
+            "if the step count or the strength were picked by looking at them, the comparison is optimistic. "
+            "`mmaudio-lora crossval` judges every source with an adapter that never saw it.")
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
 
 class Judges:
-    """The metric models beyond the network: DeSync's scorer and PaSST (None when its weights are
-    missing: KL_PaSST is left out and said once)."""
+    """The metric models beyond the network, loaded on first use: DeSync's scorer and PaSST (None
+    when its weights are missing or do not load: KL_PaSST is left out and said once)."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self.sync = runtime.sync_scorer()
+
+    @functools.cached_property
+    def sync(self):
+        return self.runtime.sync_scorer()
+
+    @functools.cached_property
+    def _passt(self) -> tuple[object | None, str]:
         try:
-            self.passt = runtime.passt()
+            return self.runtime.passt(), ""
         except MissingWeightsError as missing:
             log.warning("KL_PaSST left out: %s", missing)
-            self.passt = None
-        self.left_out = [] if self.passt is not None else [
-            "KL_PaSST and KAD left out: the PaSST-S weights are missing (`mmaudio-lora download` fetches them)."]
+            return None, "the PaSST-S weights are missing (`mmaudio-lora download` fetches them)"
+        except CheckpointError as damaged:  # a cut-short file, an HTML page saved under its name
+            log.warning("KL_PaSST left out: %s", damaged)
+            return None, f"the PaSST-S weights do not load ({damaged}); `mmaudio-lora download --force` fetches them again"
+
+    @property
+    def passt(self):
+        return self._passt[0]
+
+    @property
+    def left_out(self) -> list[str]:
+        return [f"KL_PaSST and KAD left out: {self._passt[1]}."] if self._passt[1] else []
+
+    @property
+    def available(self) -> dict[str, bool]:
+        """Which judges score here (a fold scored with fewer is scored again for the missing ones)."""
+        return {"desync": True, "passt": self.passt is not None}
 
     def desync(self, sync_features: torch.Tensor, audio: torch.Tensor, rate: int, seconds: float) -> float:
         """DeSync of one clip's audio against its stored video features, both cut to its real length.
@@ -199,35 +236,41 @@ class Judges:
 
 
 def score(network, clips: FeatureSet, decoder: AudioDecoder, judges: Judges, sampling: SamplingSettings, seeds: int,
-          batch_size: int, real: dict[str, torch.Tensor], real_logits: dict[str, torch.Tensor], progress=None) -> Scores:
-    """Every metric of one network on every clip, averaged over `seeds` seeds (`progress`: a
-    tqdm bar advanced once per seed)."""
+          batch_size: int, real: RealAudio, progress=None, metrics: tuple[str, ...] = tuple(METRICS)) -> Scores:
+    """The `metrics` of one network on every clip, averaged over `seeds` seeds (`progress`: a
+    tqdm bar advanced once per seed). KL_PaSST is NaN where PaSST is not available."""
     from shared.models.passt import kl_per_clip
 
     runtime = decoder.runtime
     network.to(runtime.torch_device)
-    sums = {metric: {clip_id: 0.0 for clip_id in clips.ids} for metric in METRICS}
+    sums = {metric: {clip_id: 0.0 for clip_id in clips.ids} for metric in metrics}
     mels, audio, embeddings = {}, {}, {clip_id: [] for clip_id in clips.ids}
+    generated = bool(set(metrics) - {"flow_loss"})
     for k in range(seeds):
         seed = sampling.seed + k
-        for clip_id, loss in zip(clips.ids, _flow_losses(runtime, network, clips, batch_size, seed).tolist()):
-            sums["flow_loss"][clip_id] += loss
-        for rows, seq, latents in sample_stored_clips(runtime, network, clips.tensors, replace(sampling, seed=seed),
-                                                      batch_size):
+        if "flow_loss" in metrics:
+            for clip_id, loss in zip(clips.ids, _flow_losses(runtime, network, clips, batch_size, seed).tolist()):
+                sums["flow_loss"][clip_id] += loss
+        batches = sample_stored_clips(runtime, network, clips.tensors, replace(sampling, seed=seed),
+                                      batch_size) if generated else ()
+        for rows, seq, latents in batches:
             mel = decoder.mel(latents).cpu()  # at the clips' own length: every frame is real
             waves = decoder.vocode(mel)
             for row, n in enumerate(rows):
                 clip_id, seconds = clips.ids[n], float(clips.tensors["duration_sec"][n])
                 ours = mel[row]
-                sums["mel_l1"][clip_id] += float((ours - real[clip_id]).abs().mean())
-                sums["desync"][clip_id] += judges.desync(clips.tensors["sync_features"][n], waves[row],
-                                                         decoder.sampling_rate, seconds)
-                if judges.passt is not None and bool(torch.isfinite(waves[row]).all()):
-                    logits, embedding = judges.passt_outputs(waves[row], decoder.sampling_rate, seconds)
-                    sums["kl_passt"][clip_id] += float(kl_per_clip(real_logits[clip_id][None], logits[None])[0])
-                    embeddings[clip_id].append(embedding)
-                else:
-                    sums["kl_passt"][clip_id] = math.nan
+                if "mel_l1" in metrics:
+                    sums["mel_l1"][clip_id] += float((ours - real.mels[clip_id]).abs().mean())
+                if "desync" in metrics:
+                    sums["desync"][clip_id] += judges.desync(clips.tensors["sync_features"][n], waves[row],
+                                                             decoder.sampling_rate, seconds)
+                if "kl_passt" in metrics:
+                    if judges.passt is not None and bool(torch.isfinite(waves[row]).all()):
+                        logits, embedding = judges.passt_outputs(waves[row], decoder.sampling_rate, seconds)
+                        sums["kl_passt"][clip_id] += float(kl_per_clip(real.logits[clip_id][None], logits[None])[0])
+                        embeddings[clip_id].append(embedding)
+                    else:
+                        sums["kl_passt"][clip_id] = math.nan
                 if k == 0:
                     mels[clip_id], audio[clip_id] = ours, waves[row, :round(seconds * decoder.sampling_rate)]
         if progress is not None:
@@ -257,6 +300,7 @@ class RealAudio:
     waves: dict[str, torch.Tensor]
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    desync: dict[str, float] = field(default_factory=dict)  # each clip's real audio against its picture: the floor
 
 
 def real_audio(clips: FeatureSet, decoder: AudioDecoder, judges: Judges, batch_size: int) -> RealAudio:
@@ -324,30 +368,31 @@ class Scored:
 
 
 def score_held_out(source: ModelSource, clips: FeatureSet, where: str, notes: list[str], sampling: SamplingSettings,
-                   lora_scales: tuple[float, ...], seeds: int, batch_size: int, show_progress: bool = True) -> Scored:
-    """Base and base + adapter (at each strength) on `clips`, every metric, the tests over sources."""
+                   lora_scales: tuple[float, ...], seeds: int, batch_size: int, show_progress: bool = True,
+                   judges: Judges | None = None, metrics: tuple[str, ...] = tuple(METRICS)) -> Scored:
+    """Base and base + adapter (at each strength) on `clips`: the `metrics` asked for (all by
+    default), and, when all are there, the tests over sources."""
     runtime = source.runtime
     base = ModelSource(runtime).load()
-    decoder, judges = AudioDecoder(runtime), Judges(runtime)
+    decoder, judges = AudioDecoder(runtime), judges or Judges(runtime)
     expected = {"variant": runtime.variant, "profile": runtime.profile}
-    group_of = dict(zip(clips.ids, clips.groups))
     result = Evaluation(runtime.variant, where, list(clips.ids), asdict(sampling), seeds, len(set(clips.groups)),
-                        group_of, lora_scale=judged_scale(lora_scales), notes=notes + judges.left_out)
+                        dict(zip(clips.ids, clips.groups)), lora_scale=judged_scale(lora_scales),
+                        notes=notes + judges.left_out)
     real = real_audio(clips, decoder, judges, batch_size)
     with progress_bar(total=(1 + len(lora_scales)) * seeds, desc="scoring models x seeds", unit="seed",
-              disable=not show_progress) as progress:
-        outputs = {"base": score(base, clips, decoder, judges, sampling, seeds, batch_size, real.mels, real.logits,
-                                 progress)}
+                      disable=not show_progress) as progress:
+        outputs = {"base": score(base, clips, decoder, judges, sampling, seeds, batch_size, real, progress, metrics)}
         for scale in lora_scales:
             network = merge_adapter(copy.deepcopy(base), source.adapter, scale, expected)
-            outputs[f"scale {scale:g}"] = score(network, clips, decoder, judges, sampling, seeds, batch_size,
-                                                real.mels, real.logits, progress)
+            outputs[f"scale {scale:g}"] = score(network, clips, decoder, judges, sampling, seeds, batch_size, real,
+                                                progress, metrics)
     outputs["tuned"] = outputs[f"scale {result.lora_scale:g}"]
-    if outputs["tuned"].failed:
-        result.lora_scale = None
-    summarise(result, outputs, real, clips, judges, decoder.sampling_rate)
-    if len(lora_scales) > 1:
-        result.scales = {f"{s:g}": explore(outputs[f"scale {s:g}"], outputs["base"], group_of) for s in lora_scales}
+    real.desync = {clip_id: judges.desync(clips.tensors["sync_features"][n], real.waves[clip_id],
+                                          decoder.sampling_rate, float(clips.tensors["duration_sec"][n]))
+                   for n, clip_id in enumerate(clips.ids)} if "desync" in metrics else {}
+    if set(metrics) == set(METRICS):
+        summarise(result, outputs, real, judges.passt is not None, lora_scales)
     return Scored(result, outputs, real)
 
 
@@ -389,13 +434,19 @@ def _evaluate(run: Path, source: ModelSource | None, features: Path | None, ids:
                                     {"variant": runtime.variant, "profile": runtime.profile}).to(runtime.torch_device)
             result.checkpoints[name] = float(_flow_losses(runtime, network, clips, batch_size, sampling.seed).mean())
     if pages is not None:
-        write_report(pages, run, result, (scored.real.mels, scored.real.waves),
-                     {name: scored.outputs[name] for name in MODELS}, AudioDecoder(runtime).sampling_rate,
-                     runtime.sequence().hop_length, _source_videos(clips, folders),
-                     {k: v for folder in folders for k, v in feature_labels(folder).items()})
+        write_evaluation_report(pages, run, scored, clips, folders, runtime)
     result.seconds = time.perf_counter() - started
     atomic_write_text(out, result.to_json())
     return result
+
+
+def write_evaluation_report(pages: Path, run: Path, scored: Scored, clips: FeatureSet, folders: list,
+                            runtime: Runtime) -> Path:
+    """The evaluation's page (audio, spectrograms, picture strips, curves) for `scored` in `pages`."""
+    return write_report(pages, run, scored.result, (scored.real.mels, scored.real.waves),
+                        {name: scored.outputs[name] for name in MODELS}, AudioDecoder(runtime).sampling_rate,
+                        runtime.sequence().hop_length, _source_videos(clips, folders),
+                        {k: v for folder in folders for k, v in feature_labels(folder).items()})
 
 
 def check_scoring(lora_scales: tuple[float, ...], seeds: int) -> None:
@@ -405,23 +456,23 @@ def check_scoring(lora_scales: tuple[float, ...], seeds: int) -> None:
         raise UserError(f"--seeds must be at least 1, not {seeds}")
 
 
-def summarise(result: Evaluation, outputs: dict[str, Scores], real: RealAudio, clips: FeatureSet,
-              judges: Judges, rate: int) -> None:
-    """Means, per-clip values, the real audio's DeSync, the tests over sources and KAD."""
-    real_desync = {clip_id: judges.desync(clips.tensors["sync_features"][n], real.waves[clip_id], rate,
-                                          float(clips.tensors["duration_sec"][n]))
-                   for n, clip_id in enumerate(clips.ids)}
+def summarise(result: Evaluation, outputs: dict[str, Scores], real: RealAudio, passt: bool,
+              lora_scales: tuple[float, ...]) -> None:
+    """Means, per-clip values (DeSync with the real audio's), the tests over sources, KAD (`passt`:
+    whether KL_PaSST was scored) and the strengths explored, from each output's per-clip scores."""
+    if outputs["tuned"].failed:
+        result.lora_scale = None
     differences = {}
     for metric in METRICS:
-        summary = result.summary(metric)
-        per_clip = {clip_id: {name: outputs[name].per_clip[metric][clip_id] for name in MODELS} for clip_id in clips.ids}
-        if metric == "desync":
-            for clip_id in clips.ids:
-                per_clip[clip_id]["real"] = real_desync[clip_id]
-            values = [v for v in real_desync.values() if not math.isnan(v)]
-            summary["real"] = sum(values) / len(values) if values else math.nan
-        if metric == "kl_passt" and judges.passt is None:
+        if metric == "kl_passt" and not passt:
             continue
+        summary = result.summary(metric)
+        per_clip = {clip_id: {name: outputs[name].per_clip[metric][clip_id] for name in MODELS} for clip_id in result.clips}
+        if metric == "desync":
+            for clip_id in result.clips:
+                per_clip[clip_id]["real"] = real.desync[clip_id]
+            values = [v for v in real.desync.values() if not math.isnan(v)]
+            summary["real"] = sum(values) / len(values) if values else math.nan
         for name in MODELS:
             summary[name] = math.nan if name == "tuned" and result.failed else outputs[name].mean(metric)
         result.per_clip[metric] = per_clip
@@ -429,21 +480,26 @@ def summarise(result: Evaluation, outputs: dict[str, Scores], real: RealAudio, c
             differences[metric] = differences_of(per_clip)
     result.metrics = judge(differences, result.group_of)
     result.per_clip_mel_l1 = result.per_clip["mel_l1"]
-    if judges.passt is not None and not result.failed:
+    if passt and not result.failed:
         for name in MODELS:
             value, interval = kad_by_source(real.embeddings, outputs[name].embeddings, result.group_of)
             result.kad_passt[name], result.kad_passt[f"{name}_ci95"] = value, interval
+    if len(lora_scales) > 1:
+        scored = {f"{s:g}": outputs[f"scale {s:g}"].per_clip for s in lora_scales}
+        result.per_clip_scales = {scale: {m: v for m, v in values.items() if m in result.per_clip}
+                                  for scale, values in scored.items()}
+        result.scales = {scale: explore(values, outputs["base"].per_clip, result.group_of)
+                         for scale, values in result.per_clip_scales.items()}
 
 
-def explore(tuned: Scores, base: Scores, group_of: dict[str, str]) -> dict:
-    """One strength of a sweep, outside the verdict: its means and its own tests against the base
-    (Holm across its metrics), or failed."""
-    if tuned.failed:
+def explore(tuned: dict[str, dict[str, float]], base: dict[str, dict[str, float]], group_of: dict[str, str]) -> dict:
+    """One strength of a sweep ({metric: {clip: value}} of it and of the base), outside the verdict:
+    its means and its own tests against the base (Holm across its metrics), or failed."""
+    if failed(tuned):
         return {"failed": True}
-    metrics = [m for m in METRICS if any(not math.isnan(v) for v in tuned.per_clip[m].values())]
-    tests = judge({m: {c: tuned.per_clip[m][c] - base.per_clip[m][c] for c in tuned.per_clip[m]} for m in metrics},
-                  group_of)
-    return {"mean": {m: tuned.mean(m) for m in metrics}, "tests": tests}
+    metrics = [m for m in METRICS if m in tuned and any(not math.isnan(v) for v in tuned[m].values())]
+    tests = judge({m: {c: tuned[m][c] - base[m][c] for c in tuned[m]} for m in metrics}, group_of)
+    return {"mean": {m: mean_of(tuned[m]) for m in metrics}, "tests": tests}
 
 
 def _source_videos(clips: FeatureSet, folders: list) -> dict[str, dict]:

@@ -3,6 +3,13 @@ real set of embeddings: the unbiased MMD² with a Gaussian kernel, made for smal
 Fréchet distances are meaningless. As kadtk computes it: the bandwidth is the median pairwise
 distance within the real set, k(a, b) = exp(-|a - b|² / (2 σ² + 1e-8)), and the value is scaled
 by 100. It describes sets, so it gets an interval by resampling sources, never a verdict.
+
+The interval resamples whole sources with replacement, so a clip can be drawn twice. The unbiased
+estimate leaves out each point's kernel with itself; a drawn copy of a clip is the same point, so
+every pair between two copies of one clip is left out too, in all three terms (real-real,
+generated-generated, real-generated). Without that, the copies pair with themselves, every
+resample's distance is biased low and the interval misses its own point estimate (19 times in 20
+under no difference). With each clip drawn once, the resampled estimate is the point estimate.
 """
 from __future__ import annotations
 
@@ -16,6 +23,10 @@ RESAMPLES = 2000
 RESAMPLING_SEED = 0
 
 
+def _gamma(bandwidth: float) -> float:
+    return 1.0 / (2 * bandwidth ** 2 + 1e-8)
+
+
 def kernel_audio_distance(real: torch.Tensor, generated: torch.Tensor, bandwidth: float | None = None) -> float:
     """KAD of two sets of embeddings (rows); NaN when a set has fewer than two rows."""
     real, generated = real.double(), generated.double()
@@ -23,7 +34,7 @@ def kernel_audio_distance(real: torch.Tensor, generated: torch.Tensor, bandwidth
         return math.nan
     if bandwidth is None:
         bandwidth = float(torch.pdist(real).median())
-    gamma = 1.0 / (2 * bandwidth ** 2 + 1e-8)
+    gamma = _gamma(bandwidth)
 
     def mean_kernel(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
         kernel = torch.exp(-gamma * torch.cdist(a, b) ** 2)
@@ -36,25 +47,64 @@ def kernel_audio_distance(real: torch.Tensor, generated: torch.Tensor, bandwidth
     return SCALE * mmd
 
 
+class _ClipKernels:
+    """The kernel summed over each pair of clips' rows ({clip: (rows, D)}), so that a resample's
+    three terms are weighted sums of these blocks: a clip drawn n times counts n times against
+    every other clip drawn, and its own rows pair within one copy only."""
+
+    def __init__(self, real: list[torch.Tensor], generated: list[torch.Tensor], gamma: float):
+        def blocks(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+            kernel = torch.exp(-gamma * torch.cdist(torch.cat(a).double(), torch.cat(b).double()) ** 2)
+            rows_a, rows_b = [len(x) for x in a], [len(x) for x in b]
+            starts_a, starts_b = np.cumsum([0, *rows_a]), np.cumsum([0, *rows_b])
+            sums = np.array([[float(kernel[starts_a[i]:starts_a[i + 1], starts_b[j]:starts_b[j + 1]].sum())
+                              for j in range(len(b))] for i in range(len(a))])
+            return sums, np.outer(rows_a, rows_b).astype(np.float64)
+
+        self.real_real, self.real_pairs = blocks(real, real)
+        self.generated_generated, self.generated_pairs = blocks(generated, generated)
+        self.real_generated, self.cross_pairs = blocks(real, generated)
+        # the pairs of a point with itself (within one set) are never counted
+        self.real_self = np.array([float(len(x)) for x in real])
+        self.generated_self = np.array([float(len(x)) for x in generated])
+
+    @staticmethod
+    def _mean(sums: np.ndarray, pairs: np.ndarray, counts: np.ndarray, self_sum: np.ndarray | None) -> float:
+        """Mean kernel over the pairs a draw of `counts` copies per clip keeps: pairs of different
+        clips (weighted by both counts) and pairs inside one copy of a clip (weighted by its count)."""
+        within = np.diagonal(sums) - (self_sum if self_sum is not None else 0.0)
+        within_pairs = np.diagonal(pairs) - (self_sum if self_sum is not None else 0.0)
+        total = counts @ sums @ counts - (counts ** 2) @ np.diagonal(sums) + counts @ within
+        count = counts @ pairs @ counts - (counts ** 2) @ np.diagonal(pairs) + counts @ within_pairs
+        return total / count if count > 0 else math.nan
+
+    def distance(self, counts: np.ndarray) -> float:
+        return SCALE * (self._mean(self.real_real, self.real_pairs, counts, self.real_self)
+                        + self._mean(self.generated_generated, self.generated_pairs, counts, self.generated_self)
+                        - 2 * self._mean(self.real_generated, self.cross_pairs, counts, None))
+
+
 def kad_by_source(real: dict[str, torch.Tensor], generated: dict[str, torch.Tensor], group_of: dict[str, str]
                   ) -> tuple[float, list[float] | None]:
     """KAD of the generated against the real clips ({clip: (rows, D)} each), and a 95 % percentile
     interval from resampling whole sources with replacement (the bandwidth fixed from the full real
-    set); no interval below three sources."""
+    set; copies of one clip never paired); no interval below three sources."""
     clips = sorted(real)
     value = kernel_audio_distance(torch.cat([real[c] for c in clips]), torch.cat([generated[c] for c in clips]))
-    sources: dict[str, list[str]] = {}
-    for clip in clips:
-        sources.setdefault(group_of.get(clip, clip), []).append(clip)
+    sources: dict[str, list[int]] = {}
+    for index, clip in enumerate(clips):
+        sources.setdefault(group_of.get(clip, clip), []).append(index)
     if len(sources) < 3 or not math.isfinite(value):
         return value, None
     bandwidth = float(torch.pdist(torch.cat([real[c] for c in clips]).double()).median())
-    names = sorted(sources)
-    draws = np.random.default_rng(RESAMPLING_SEED).integers(0, len(names), (RESAMPLES, len(names)))
+    kernels = _ClipKernels([real[c] for c in clips], [generated[c] for c in clips], _gamma(bandwidth))
+    members = [sources[name] for name in sorted(sources)]
+    draws = np.random.default_rng(RESAMPLING_SEED).integers(0, len(members), (RESAMPLES, len(members)))
     values = []
     for draw in draws:
-        picked = [clip for index in draw for clip in sources[names[index]]]
-        values.append(kernel_audio_distance(torch.cat([real[c] for c in picked]),
-                                            torch.cat([generated[c] for c in picked]), bandwidth))
+        counts = np.zeros(len(clips))
+        for source in draw:
+            counts[members[source]] += 1
+        values.append(kernels.distance(counts))
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return value, [float(low), float(high)]

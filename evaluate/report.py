@@ -6,8 +6,9 @@
   drawn as the different measure it is); per held-out clip its id and caption, a strip of its
   picture, players for the real audio (decoded from the stored latent, as the metrics see it), the
   base model and the fine-tune, its metrics and the three log-mel spectrograms on one colour scale.
-- crossval: RUN/crossval/index.html. The pooled verdict and table, the suggested step count, the
-  per-source and per-clip values, and each fold's curves.
+- crossval: RUN/crossval/index.html. The pooled verdict and table, the strengths explored, the
+  suggested step count, the per-source values, every held-out clip by source with its players and
+  spectrograms (from the report of the fold that held it out), and each fold's curves and links.
 Plots by matplotlib, audio as wav files beside the page, every link URL-encoded (clip ids may
 hold `#` or `?`). It reads the results as given (evaluate/verdict.py's types; it imports nothing
 of the evaluation itself).
@@ -17,9 +18,14 @@ from __future__ import annotations
 import html
 import logging
 import math
+import os
 import re
+import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import torch
@@ -113,10 +119,12 @@ def _curves(path: Path, run: Path, checkpoints: dict[str, float], title: str = "
                      label="kept adapters: evaluate's flow loss at the full window (another measure)")
     axis.set_xlabel("step")
     axis.set_ylabel("flow-matching loss")
-    if title:
-        axis.set_title(title, fontsize=9)
+    if title:  # names shown as given: a `$` in a source name is not TeX
+        axis.set_title(title, fontsize=9, parse_math=False)
     axis.legend(fontsize=7)
-    figure.savefig(path, dpi=80)
+    with warnings.catch_warnings():  # a name in a script the font lacks draws boxes; the page shows it as text
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.savefig(path, dpi=80)
     plt.close(figure)
     return True
 
@@ -204,14 +212,20 @@ def _context(result) -> str:
             f"steps, CFG {sampling['cfg_strength']:g}, seeds from {sampling['seed']}.")
 
 
-def _staging(folder: Path, subfolders: tuple[str, ...]) -> Path:
-    """A new folder of this report's own beside `folder` (two evaluations never share one), marked."""
+@contextmanager
+def _staging(folder: Path, subfolders: tuple[str, ...]) -> Iterator[Path]:
+    """A new folder of this report's own beside `folder` (two evaluations never share one), marked,
+    put in place of `folder` when the block succeeds and removed when it fails."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    mark_folder(staging, "report")
-    for sub in subfolders:
-        (staging / sub).mkdir(parents=True, exist_ok=True)
-    return staging
+    try:
+        mark_folder(staging, "report")
+        for sub in subfolders:
+            (staging / sub).mkdir(parents=True, exist_ok=True)
+        yield staging
+        replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def report_folder(json_path: Path) -> Path:
@@ -239,10 +253,16 @@ def write_report(folder: Path, run: Path, result, real: tuple[dict[str, torch.Te
     `real`: each clip's real log-mel and waveform; `generated`: base and tuned, each with `.mels`
     and `.audio` by clip; `sources`: where each clip came from (video, start_sec, end_sec), when
     its folder records it."""
+    folder = Path(folder)
+    with _staging(folder, ("audio", "images")) as staging:
+        _write_evaluation_page(staging, run, result, real, generated, rate, hop, sources, captions)
+    return folder / "index.html"
+
+
+def _write_evaluation_page(staging: Path, run: Path, result, real: tuple[dict, dict], generated: dict, rate: int,
+                           hop: int, sources: dict[str, dict], captions: dict[str, str]) -> None:
     from shared.media import write_wav
 
-    folder = Path(folder)
-    staging = _staging(folder, ("audio", "images"))
     real_mels, real_audio = real
     sections = []
     for clip_id in result.clips:
@@ -278,8 +298,6 @@ def write_report(folder: Path, run: Path, result, real: tuple[dict[str, torch.Te
     page = PAGE.format(heading="Base model against the fine-tune", title=html.escape(str(run)),
                        context=_context(result), body=body)
     (staging / "index.html").write_text(page, encoding="utf-8")
-    replace_folder(staging, folder)
-    return folder / "index.html"
 
 
 def _clip_values(result, clip_id: str) -> str:
@@ -298,28 +316,66 @@ def _clip_values(result, clip_id: str) -> str:
 
 def write_crossval_report(folder: Path, result) -> Path:
     """The cross-validation's page (replaced whole, atomically): the pooled verdict and table, the
-    step advice, values per source and per clip, and each fold's curves."""
+    strengths explored, the step advice, values per source, then every held-out clip grouped by
+    source with its real audio and the base and tuned generations (first seed) and their
+    spectrograms, from the report of the fold that held it out (linked, with the fold's run), and
+    each fold's curves."""
     folder = Path(folder)
-    staging = _staging(folder, ("images",))
-    folds = []
-    for k, fold in enumerate(result.folds):
-        image = f"images/fold-{k}.png"
-        title = f"fold {k}: held out {', '.join(fold['val_groups'])}"
-        drawn = _curves(staging / image, Path(fold["run"]), {}, title)
-        folds.append(f'<img alt="{html.escape(title)}" src="{_link(image)}">' if drawn
-                     else f'<p class="note">{html.escape(title)}: no metrics.jsonl.</p>')
-    per_source = _table(["source", "clips", *[f"{METRICS[m]}: tuned − base" for m in result.metrics]],
-                        _source_rows(result))
-    per_clip = _table(["clip", "source", *[f"{METRICS[m]} (base → tuned)" for m in result.metrics]],
-                      [(clip, result.group_of.get(clip, clip),
-                        *[_pair(result.per_clip[m].get(clip, {})) for m in result.metrics]) for clip in result.clips])
-    body = (f"{_summary(result)}<p>{html.escape(result.steps_advice())}</p><h2>Per source</h2>{per_source}"
-            f"<h2>Per clip</h2>{per_clip}<h2>Folds</h2>{''.join(folds)}")
-    page = PAGE.format(heading="Cross-validation by source: base model against the fine-tune",
-                       title=html.escape(str(folder.parent)), context=_context(result), body=body)
-    (staging / "index.html").write_text(page, encoding="utf-8")
-    replace_folder(staging, folder)
+    with _staging(folder, ("images",)) as staging:
+        folds = []
+        for k, fold in enumerate(result.folds):
+            image = f"images/fold-{k}.png"
+            title = f"{fold['name']}: held out {', '.join(fold['val_groups'])}"
+            drawn = _curves(staging / image, Path(fold["run"]), {}, title)
+            links = (f'<p><a href="{_relative(fold["run"], folder)}">{html.escape(fold["name"])}: its run</a> · '
+                     f'<a href="{_relative(Path(fold["report"]) / "index.html", folder)}">its evaluation</a></p>')
+            folds.append(links + (f'<img alt="{html.escape(title)}" src="{_link(image)}">' if drawn
+                                  else f'<p class="note">{html.escape(title)}: no metrics.jsonl.</p>'))
+        per_source = _table(["source", "clips", *[f"{METRICS[m]}: tuned − base" for m in result.metrics]],
+                            _source_rows(result))
+        body = (f"{_summary(result)}<p>{html.escape(result.steps_advice())}</p><h2>Per source</h2>{per_source}"
+                f"<h2>Listen: every held-out clip, by source</h2>{_listening(result, folder)}"
+                f"<h2>Folds</h2>{''.join(folds)}")
+        page = PAGE.format(heading="Cross-validation by source: base model against the fine-tune",
+                           title=html.escape(str(folder.parent)), context=_context(result), body=body)
+        (staging / "index.html").write_text(page, encoding="utf-8")
     return folder / "index.html"
+
+
+def _relative(path: str | Path, page_folder: Path) -> str:
+    """A link from a page in `page_folder` to `path`, relative (the folder can be moved whole)."""
+    return html.escape(quote(os.path.relpath(Path(path), page_folder)), quote=True)
+
+
+def _listening(result, folder: Path) -> str:
+    """Per source, per clip: players for the real, base and tuned audio and the spectrograms, from
+    the report of the (first) fold that held the clip out."""
+    report_of = {}
+    for fold in reversed(result.folds):  # the first repeat's fold wins
+        report_of.update({clip: Path(fold["report"]) for clip in fold["val_ids"]})
+    sources: dict[str, list[str]] = {}
+    for clip in result.clips:
+        sources.setdefault(result.group_of.get(clip, clip), []).append(clip)
+    sections = []
+    for source, clips in sorted(sources.items()):
+        parts = [f"<h3>{html.escape(source)}</h3>"]
+        for clip in clips:
+            report = report_of.get(clip)
+            players = []
+            for key in ("real", "base", "tuned"):
+                audio = report / "audio" / f"{clip}_{key}.wav" if report else None
+                players.append(f'<div><span>{key}</span><audio controls preload="none" '
+                               f'src="{_relative(audio, folder)}"></audio></div>' if audio and audio.is_file() else
+                               f'<div><span>{key}</span><span class="note">no audio kept</span></div>')
+            mel = report / "images" / f"{clip}_mel.png" if report else None
+            picture = (f'<img alt="log-mel spectrograms of {html.escape(clip)}" src="{_relative(mel, folder)}">'
+                       if mel and mel.is_file() else "")
+            values = ". ".join(f"{html.escape(METRICS[m])}: {_pair(result.per_clip[m].get(clip, {}))}"
+                               for m in result.metrics)
+            parts.append(f'<div class="clip"><h4>{html.escape(clip)}</h4><div class=players>{"".join(players)}</div>'
+                         f"<p>{values}.</p>{picture}</div>")
+        sections.append("".join(parts))
+    return "\n".join(sections)
 
 
 def _pair(values: dict) -> str:

@@ -78,6 +78,8 @@ def sign_flip_p_value(values: list[float] | np.ndarray) -> float:
     """Two-sided p of the mean of `values` under sign symmetry: the share of sign patterns whose
     |sum| is at least the observed one (exact up to EXACT_UP_TO values; the observed pattern counts)."""
     values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():  # a NaN would compare false everywhere and read as p = 0
+        raise ValueError(f"the sign-flip test needs finite values, got {values[~np.isfinite(values)][:3].tolist()}")
     count = len(values)
     observed = abs(values.sum())
     slack = 1e-9 * max(np.abs(values).sum(), 1e-300)  # ties in floating point count as ties
@@ -244,6 +246,7 @@ class Evaluation:
     metrics: dict[str, PairedTest] = field(default_factory=dict)  # metric → its test over sources
     lora_scale: float | None = 1.0  # the strength the verdict is for (None: it failed)
     scales: dict[str, dict] = field(default_factory=dict)  # several strengths: each one's numbers (exploratory)
+    per_clip_scales: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # scale → metric → clip
     checkpoints: dict[str, float] = field(default_factory=dict)  # adapter folder → validation flow loss
     notes: list[str] = field(default_factory=list)  # what the reader must know (choices made on these clips)
     seconds: float = 0.0
@@ -288,7 +291,7 @@ class Evaluation:
         return rows
 
     def table(self) -> str:
-        lines = [table_header()] + [table_line(row) for row in self.rows()]
+        lines = aligned([TABLE_HEADER, *self.rows()])
         if self.scales:
             lines.append(f"adapter strengths (exploratory; the verdict is for {self.lora_scale:g}, and picking the best "
                          "of several is optimistic):" if not self.failed else "adapter strengths (exploratory):")
@@ -314,23 +317,44 @@ class Evaluation:
 @dataclass
 class CrossValidation(Evaluation):
     """The pooled verdict of a cross-validation: every clip scored by the adapter of the fold that
-    held its source out, tested over all sources."""
+    held its source out (with repeats, by one such adapter per repeat, averaged), tested over all
+    sources."""
 
-    folds: list[dict] = field(default_factory=list)  # each {run, val_groups, val_ids}: the fold's held-out sources
+    folds: list[dict] = field(default_factory=list)  # each {run, repeat, val_groups, val_ids}: its held-out sources
     steps: int = 0  # the steps each fold trained
-    best_step: int | None = None  # where the folds' pooled validation loss was lowest
+    best_step: int | None = None  # where the folds' pooled held-out (judging) loss was lowest
     pooled_val_loss: dict[int, float] = field(default_factory=dict)  # step → clip-weighted mean over the folds
+    repeats: int = 1  # cross-validations with other folds and training seeds, averaged per source
+    settings: dict = field(default_factory=dict)  # the experiment: training as trained, judging, features, folds
+    train_command: str = ""  # how to train the adapter you keep (a new run; filled by the caller)
+
+    def claim(self) -> str:
+        """What the test answers: these adapters, or (with repeats) the recipe."""
+        folds = len(self.folds) // max(self.repeats, 1)
+        if self.repeats == 1:
+            return (f"The test is about these {folds} adapters (one per fold, each with its own data and luck) on the "
+                    "sources each never saw; whether the recipe helps in general is a broader claim: "
+                    "`--repeats 3` averages each source over three adapters trained on other folds with other seeds.")
+        return (f"The test is about the recipe: each source is judged by {self.repeats} adapters (one per repeat, "
+                f"{folds} folds each, other folds and seeds), averaged before the test, so that one adapter's luck "
+                f"weighs 1/{self.repeats}.")
+
+    def verdict(self) -> str:
+        return f"{super().verdict()} {self.claim()}"
 
     def basis(self) -> str:
-        return (f"{len(self.folds)} folds; every clip judged by an adapter that never saw its source. "
-                + basis_sentence(len(self.clips), self.sources, self.seeds))
+        repeats = f" × {self.repeats} repeats" if self.repeats > 1 else ""
+        return (f"{len(self.folds) // max(self.repeats, 1)} folds{repeats}; every clip judged by an adapter that never "
+                "saw its source. " + basis_sentence(len(self.clips), self.sources, self.seeds))
 
     def steps_advice(self) -> str:
         if self.best_step is None:
             return "The folds logged no validation loss: no step count to suggest."
-        return (f"The folds' pooled validation loss was lowest at step {self.best_step} of {self.steps} "
-                f"({number(self.pooled_val_loss.get(self.best_step))}): train the adapter you keep on all clips with "
-                f"`make train STEPS={self.best_step}` (or `mmaudio-lora train ... --steps {self.best_step}`).")
+        return (f"The folds' pooled held-out loss was lowest at step {self.best_step} of {self.steps} "
+                f"({number(self.pooled_val_loss.get(self.best_step))}). That step count was chosen on the clips that "
+                f"judged the folds, so it is optimistic: confirm it with a second cross-validation at --steps "
+                f"{self.best_step} (another --run) before relying on it. To train the adapter you keep on all clips: "
+                f"{self.train_command or f'mmaudio-lora train ... --steps {self.best_step}'}")
 
 
 def kad_line(kad: dict) -> str:
@@ -343,14 +367,17 @@ def kad_line(kad: dict) -> str:
             f"{one('base')}, {one('tuned')}")
 
 
-def table_header() -> str:
-    return (f"{'metric (lower is better)':<38}{'base':>9}{'tuned':>9}{'change':>9}  {'tuned - base [95 % interval]':<32}"
-            f"{'p (Holm)':<18}{'clips/src':<11}assessment")
+TABLE_HEADER = ("metric (lower is better)", "base", "tuned", "change", "tuned - base [95 % interval]", "p (Holm)",
+                "clips/src", "assessment")
 
 
-def table_line(row: tuple[str, ...]) -> str:
-    label, base, tuned, changed, spread, p, counts, verdict = row
-    return f"{label:<38}{base:>9}{tuned:>9}{changed:>9}  {spread:<32}{p:<18}{counts:<11}{verdict}"
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as lines of columns as wide as their widest cell, two spaces apart (numbers right-aligned),
+    so that no two columns ever run together whatever the numbers' widths."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    right = {1, 2, 3}  # base, tuned, change
+    return ["  ".join(cell.rjust(width) if column in right else cell.ljust(width)
+                      for column, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def short_cells(test: PairedTest | None) -> str:

@@ -252,15 +252,22 @@ def crossval_command(
     eval_steps: int = typer.Option(25, min=1, help="Euler steps of the generated audio when scoring."),
     cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength when scoring."),
     lora_scale: str = typer.Option("1", help="Adapter strength the verdict is for; several separated by commas "
-                                   "add an exploration (the verdict stays at 1 when listed, else the first)."),
+                                   "add an exploration, pooled and shown beside the verdict (the verdict stays at 1 "
+                                   "when listed, else the first)."),
+    repeats: int = typer.Option(1, min=1, help="Cross-validations with other folds and training seeds; each "
+                                "source's difference is averaged over its R judges, so the verdict speaks of the "
+                                "recipe rather than of K particular adapters (R times the work)."),
+    overwrite: bool = typer.Option(False, help="Start a new experiment in --run, deleting the cross-validation "
+                                   "there (only what it wrote), instead of refusing other settings."),
 ) -> None:
     """Cross-validate by source video: K adapters, each judged on the sources it never saw; the
     test is over all sources (sign-flip test, Holm across the metrics).
 
-    Each fold is an ordinary run (RUN/fold-k/); the choices of a fold use tuning sources from its own
-    training side. Resumes: finished folds are neither trained nor scored again. Prints the pooled
-    verdict and the step count at which the folds' pooled validation loss was lowest (train the
-    adapter you keep on all clips with that many steps)."""
+    Each fold is an ordinary run (RUN/fold-k/); a fold chooses (early stopping, best adapter) only on
+    tuning sources from its own training side, and without them trains to its last step. The
+    folder records every setting: continuing resumes (finished folds are neither trained nor
+    scored again), other settings are refused. Prints the pooled verdict, what it is about, and
+    the step count at which the folds' pooled held-out loss was lowest (to be confirmed)."""
     from evaluate.crossval import CrossvalJob, crossval
     from shared.synthesis import SamplingSettings
     from train.config import TrainConfig, read_toml
@@ -275,9 +282,12 @@ def crossval_command(
                  "precision": precision, "device": device}
         settings.updated({key: value for key, value in given.items() if value is not None}, "command line")
         result = crossval(CrossvalJob(settings, run, folds, tuning_fraction, seeds, SamplingSettings(eval_steps, cfg),
-                                      _scales(lora_scale)))
-    typer.echo(f"{result.variant}, {len(result.clips)} clips of {result.sources} source videos in {len(result.folds)} "
-               f"folds, {eval_steps} steps, cfg {cfg:g}, {seeds} seed(s):")
+                                      _scales(lora_scale), repeats=repeats, overwrite=overwrite))
+    trained = result.settings["training"]
+    typer.echo(f"{result.variant}, {len(result.clips)} clips of {result.sources} source videos, {result.held_out}; "
+               f"each fold trained {trained['steps']} steps (lr {trained['lr']:g}, batch {trained['batch_size']}, "
+               f"rank {trained['rank']}, tuning fraction {trained['tuning_fraction']:g}); scored with "
+               f"{eval_steps} sampling steps, cfg {cfg:g}, {seeds} seed(s):")
     typer.echo(result.table())
     typer.echo(result.verdict())
     typer.echo(f"It rests on {result.basis()}.")
@@ -429,7 +439,7 @@ def evaluate(
         result = run_evaluation(run, source, features, clip_id, SamplingSettings(steps, cfg, seed), scales,
                                 batch_size, out, checkpoints, seeds=seeds, allow_trained=allow_trained)
     typer.echo(f"{result.variant}, {len(result.clips)} held-out clip(s) ({result.held_out}), "
-               f"{steps} steps, cfg {cfg:g}, seeds {seed}-{seed + seeds - 1}:")
+               f"{steps} sampling steps, cfg {cfg:g}, seeds {seed}-{seed + seeds - 1}:")
     typer.echo(result.table())
     typer.echo(result.verdict())
     typer.echo(f"It rests on {result.basis()}.")

@@ -24,6 +24,12 @@ KINDS = {"features": "feature folder", "run": "training run", "generated": "gene
          "scratch": "working folder"}
 
 
+# The kinds of our folders that another folder of ours may hold: a demo holds a whole project, a
+# cross-validation its fold runs and its report, a run its evaluation's report. Nothing else nests,
+# so deleting or replacing one folder of ours never takes another with it.
+HOLDS = {"demo": frozenset(KINDS), "crossval": frozenset({"run", "report"}), "run": frozenset({"report"})}
+
+
 class OutputError(UserError):
     """An output path we must not write to."""
 
@@ -74,7 +80,8 @@ def mark_folder(folder: str | os.PathLike, kind: str) -> Path:
 
 def check_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[Path, ...] = ()) -> Path:
     """`folder` resolved, if it may receive our output of `kind`: absent, empty, or carrying that
-    kind's marker. `protected` are the user's inputs (videos, lists): the folder may not hold any."""
+    kind's marker, and not nested in another folder of ours (see `check_not_nested`). `protected`
+    are the user's inputs (videos, lists): the folder may not hold any."""
     what = KINDS[kind]
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
@@ -91,12 +98,49 @@ def check_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[P
                               f"choose a new or empty folder for the {what}")
         if found != kind:
             raise OutputError(f"{folder}: is a {KINDS[found]} of mmaudio-lora, not a {what}; choose another folder")
+    check_not_nested(folder, kind)
     return folder
+
+
+def check_not_nested(folder: str | os.PathLike, kind: str) -> None:
+    """Refuse a `kind` folder inside another folder of ours that does not hold that kind (a run in a
+    feature folder, a cross-validation in a run: deleting the outer one would delete it), and a
+    folder of ours that holds another of a kind it may not hold (made before this rule)."""
+    folder = Path(folder).resolve()
+    what = KINDS[kind]
+    outer = next((parent for parent in folder.parents if folder_kind(parent) is not None), None)
+    if outer is not None and kind not in HOLDS.get(folder_kind(outer), ()):
+        raise OutputError(f"{folder}: is inside the {KINDS[folder_kind(outer)]} {outer}, which mmaudio-lora may "
+                          f"replace or delete whole; give the {what} a folder outside it")
+    for inner in _inner_folders(folder):
+        inner_kind = folder_kind(inner)
+        if inner_kind not in HOLDS.get(kind, ()):
+            raise OutputError(f"{folder}: holds a {KINDS[inner_kind]} of mmaudio-lora ({inner}) that replacing the "
+                              f"{what} would delete; move it out first")
+
+
+def _inner_folders(folder: Path) -> list[Path]:
+    """The outermost folders of ours inside `folder` (not descending into them)."""
+    found = []
+    if not folder.is_dir():
+        return found
+    for root, folders, _ in os.walk(folder):
+        for name in list(folders):
+            path = Path(root) / name
+            if (path / MARKER).is_file() and folder_kind(path) is not None:
+                found.append(path)
+                folders.remove(name)
+    return found
 
 
 def claim_output_folder(folder: str | os.PathLike, kind: str, protected: tuple[Path, ...] = ()) -> Path:
     """Check an output folder (as `check_output_folder`), create it and mark it as ours."""
     folder = check_output_folder(folder, kind, protected)
+    return mark_output_folder(folder, kind)
+
+
+def mark_output_folder(folder: Path, kind: str) -> Path:
+    """Create a checked output folder and mark it as ours (when it is not yet)."""
     try:
         if folder_kind(folder) != kind or not (folder / MARKER).is_file():
             mark_folder(folder, kind)

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
+EVALUATION_FILE = "evaluation.json"  # evaluate's numbers (its report: evaluation/)
+EMBEDDINGS_FILE = "embeddings.safetensors"  # a cross-validation fold's PaSST embeddings, beside its evaluation
 
 
 class RunRecordError(UserError):

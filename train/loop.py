@@ -38,7 +38,7 @@ from train.choices import Choices
 from train.config import TrainConfig
 from train.objective import training_loss
 from train.run_folder import (STATE_FILE, MetricsLog, check_run_folder, complete_checkpoints,
-                              newest_readable_checkpoint, prepare_run_folder)
+                              newest_readable_checkpoint, prepare_run_folder, release_previous, restore_previous)
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,7 @@ class Trainer:
         kept = [folder for _, folder in checkpoint_folders(self.run)]  # our names only: a user's copy stays
         for old in kept[:-self.config.keep_last]:
             shutil.rmtree(old)
+        release_previous(self.run)
 
     def resume(self) -> None:
         """Continue from the newest readable checkpoint (a damaged one is named and skipped)."""
@@ -373,6 +374,7 @@ class Trainer:
             replace_folder(temporary, final)
         else:
             save_adapter(self.model, final, self.info, self.card())
+        release_previous(self.run)
 
     def _training_samples(self):
         from shared.synthesis import SamplingSettings
@@ -411,11 +413,19 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
             if trainer.step > config.steps:
                 raise UserError(f"{run}: the run is at step {trainer.step}; --steps {config.steps} would train "
                                 f"nothing (give more than {trainer.step} steps to continue it)")
+        if trainer.tuning_set is None and config.early_stopping_patience and trainer.val_set is not None:
+            log.warning("early stopping chooses the adapter on the validation clips, which then judge it: evaluate "
+                        "will call its verdict optimistic (tuning_fraction holds out other sources for the choice)")
         ranks.main_first(lambda: prepare_run_folder(config, resume))
-        if ranks.is_main:
-            config.save(run / CONFIG_FILE)
-            trainer.split.save(run)
-        trained, last_loss, stopped = trainer.fit(show_progress)
+        try:
+            if ranks.is_main:
+                config.save(run / CONFIG_FILE)
+                trainer.split.save(run)
+            trained, last_loss, stopped = trainer.fit(show_progress)
+        except BaseException:
+            if ranks.is_main:
+                restore_previous(run)
+            raise
     return RunResult(run, trainer.step, trained, trainer.trainable, trainer.total, last_loss, trainer.choices.best,
                      trainer.choices.best_step, stopped, time.perf_counter() - started, trainer.split.describe_validation(),
                      ranks.is_main)

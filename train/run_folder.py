@@ -15,18 +15,37 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from shared.errors import UserError
-from shared.outputs import atomic_write_text, check_output_folder, folder_kind, mark_folder
-from shared.run_record import CONFIG_FILE, METRICS_FILE, Split, checkpoint_folders, finite_or_none, read_metrics_log
+from shared.outputs import MARKER, atomic_write_text, check_output_folder, folder_kind, mark_folder, ours
+from shared.run_record import (CONFIG_FILE, EMBEDDINGS_FILE, EVALUATION_FILE, METRICS_FILE, SPLIT_FILE, Split,
+                               checkpoint_folders, finite_or_none, read_metrics_log)
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+# What a run folder holds when only mmaudio-lora wrote it for that run (train; evaluate's numbers and
+# report; a cross-validation fold's embeddings), besides our temporary files (.NAME.*.tmp, locks).
+RUN_ENTRIES = frozenset({MARKER, CONFIG_FILE, SPLIT_FILE, METRICS_FILE, "tensorboard", "checkpoints", "best",
+                         "adapter", "samples", EVALUATION_FILE, "evaluation", EMBEDDINGS_FILE})
+TEMPORARY = re.compile(r"^\..+\.(tmp|lock|old)$")
+
+
+def foreign_entries(run: Path) -> list[str]:
+    """What a run folder holds that the project did not write there for that run."""
+    return sorted(entry.name for entry in run.iterdir() if entry.name not in RUN_ENTRIES
+                  and not TEMPORARY.match(entry.name))
+
+
+def previous_run(run: Path) -> Path:
+    """Where `--overwrite` keeps the earlier run until the new one has written its first adapter."""
+    return run.with_name(f".{run.name}.previous")
 
 
 def complete_checkpoints(run: Path) -> list[Path]:
@@ -72,24 +91,53 @@ def check_run_folder(config: TrainConfig, resume: bool, overwrite: bool) -> Path
     ours, continued only with --resume (and the same data and settings), replaced only with
     --overwrite. Anything else is refused before any work."""
     run = check_output_folder(config.run, "run", protected=tuple(Path(f) for f in config.features))
-    ours = folder_kind(run) == "run"
-    started = ours and (bool(complete_checkpoints(run)) or (run / "adapter").is_dir())
-    if ours and resume:
+    is_run = folder_kind(run) == "run"
+    started = is_run and (bool(complete_checkpoints(run)) or (run / "adapter").is_dir())
+    if is_run and resume:
         check_resumable(run, config)
     elif started and not overwrite:
         raise UserError(f"{run}: already holds a training run; pass --resume to continue it "
                         "or --overwrite to replace it")
+    if is_run and not resume:
+        foreign = foreign_entries(run)
+        if foreign:
+            raise UserError(f"{run}: holds {', '.join(foreign[:5])}, which training did not write for this run; "
+                            "--overwrite would delete it: move it out of the run folder (or give a new --run)")
+        previous = previous_run(run)
+        if previous.exists() and not ours(previous):
+            raise UserError(f"{previous}: a folder mmaudio-lora did not make is where --overwrite keeps the earlier "
+                            "run; move or rename it")
     return run
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
     """The run folder made ready to write, once everything the new run needs has been checked: an
-    earlier run of ours is deleted whole (unless it is continued; one that never saved a checkpoint
-    starts afresh), and the folder is marked."""
+    earlier run of ours (unless it is continued) is set aside as `.RUN.previous`, kept until the new
+    run writes its first adapter (then deleted) and put back if the new run fails before that."""
     run = Path(config.run)
     if folder_kind(run) == "run" and not resume:
-        shutil.rmtree(run)
+        previous = previous_run(run)
+        if previous.exists():  # ours (checked): left by a run killed before its first adapter
+            shutil.rmtree(previous)
+        os.replace(run, previous)
+        log.warning("%s: the earlier run is kept at %s until the new one has written its first adapter", run, previous)
     return mark_folder(run, "run")
+
+
+def release_previous(run: Path) -> None:
+    """The new run has an adapter: the earlier one it replaces goes."""
+    previous = previous_run(run)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def restore_previous(run: Path) -> None:
+    """The new run failed before its first adapter: the earlier run is put back as it was."""
+    previous = previous_run(run)
+    if previous.exists():
+        shutil.rmtree(run, ignore_errors=True)
+        os.replace(previous, run)
+        log.warning("%s: the new run wrote no adapter; the earlier run is back in place", run)
 
 
 def check_resumable(run: Path, config: TrainConfig) -> None:
