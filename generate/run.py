@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from generate.long import LongSettings, Picture, voice_windows
 from generate.model import ModelSource
 from shared.clip_list import safe_id
 from shared.errors import UserError, is_plain_file_name
 from shared.media import MediaError
-from shared.outputs import claim_output_folder, folder_kind
+from shared.outputs import check_output_folder, folder_kind, mark_output_folder
 from shared.progress import progress as progress_bar
 from shared.runtime import Runtime
 from shared.models.sequence import DEFAULT_WINDOW_SEC, MIN_CLIP_SEC
@@ -44,18 +45,28 @@ class GenerateJob:
     ids: list[str] = field(default_factory=list)  # with features: only these clips
     prompt: str | None = None  # replaces captions; alone (no video) it is text-to-audio
     negative_prompt: str = ""
-    duration: float | None = None  # default: each clip's own length up to the 8 s window
+    duration: float | None = None  # default: each clip's own length (up to the window with long off)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     lora_scale: float = 1.0
     batch_size: int = 4
     write_video: bool = True
+    long: LongSettings = field(default_factory=LongSettings)  # past the window: continued windows, or off
+
+    @property
+    def longest(self) -> float:
+        """The longest track asked for: the window with --long off, else --max-duration."""
+        return DEFAULT_WINDOW_SEC if self.long.mode == "off" else self.long.max_duration
 
     def validate(self) -> None:
         """Every argument checked before anything loads."""
+        if self.source.runtime.mode is not None:  # else the network file tells it: checked once loaded
+            self.long.check(self.source.runtime.sequence())
         if self.duration is not None and not (math.isfinite(self.duration)
-                                              and MIN_CLIP_SEC <= self.duration <= DEFAULT_WINDOW_SEC):
+                                              and MIN_CLIP_SEC <= self.duration <= self.longest):
+            limit = ("the networks' window; --long windows goes further" if self.long.mode == "off" else
+                     "--max-duration")
             raise UserError(f"--duration must be between {MIN_CLIP_SEC:g} s (one Synchformer window) and "
-                            f"{DEFAULT_WINDOW_SEC:g} s (the networks' window), not {self.duration:g}")
+                            f"{self.longest:g} s ({limit}), not {self.duration:g}")
         if not math.isfinite(self.lora_scale):
             raise UserError(f"--lora-scale must be a finite number, not {self.lora_scale}")
         if self.batch_size < 1:
@@ -76,9 +87,10 @@ class Request:
 class Prepared:
     request: Request
     duration: float
-    clip_features: torch.Tensor | None  # (≥ clip_seq_len, D) on the CPU; None: no video
+    clip_features: torch.Tensor | None  # (≥ clip_seq_len, D) on the CPU; None: no video (or a long one)
     sync_features: torch.Tensor | None
     text_features: torch.Tensor | None  # stored caption features; None: encode the caption
+    long: bool = False  # longer than the window: continued windows, each encoding its own part of the picture
 
 
 @dataclass
@@ -198,8 +210,18 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
         prepared = Prepared(request, job.duration or stored_duration, stored.clip_features[row].clone(),
                             stored.sync_features[row].clone(), text)
     elif request.video is not None:
-        from shared.media import load_video
+        from shared.media import load_video, picture_duration
 
+        picture = picture_duration(request.video, request.start_sec, request.end_sec)
+        wanted = job.duration or picture
+        if job.long.mode == "windows" and wanted > DEFAULT_WINDOW_SEC:
+            if wanted > job.long.max_duration:
+                raise MediaError(f"{wanted:.1f} s is longer than --max-duration {job.long.max_duration:g} s; "
+                                 "raise it, or cut the video")
+            if job.duration and job.duration > picture + 0.05:
+                log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s",
+                            request.video.name, picture, job.duration)
+            return Prepared(request, wanted, None, None, None, long=True)
         frames = load_video(request.video, request.start_sec, request.end_sec, window_sec=DEFAULT_WINDOW_SEC)
         if job.duration and job.duration > frames.duration_sec + 0.05:
             log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s", request.video.name,
@@ -207,7 +229,10 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
         clip_features, sync_features = encoders.video(frames.clip_frames, frames.sync_frames)
         prepared = Prepared(request, job.duration or frames.duration_sec, clip_features, sync_features, None)
     else:
-        prepared = Prepared(request, job.duration or DEFAULT_WINDOW_SEC, None, None, None)
+        duration = job.duration or DEFAULT_WINDOW_SEC
+        prepared = Prepared(request, duration, None, None, None, long=duration > DEFAULT_WINDOW_SEC)
+        if prepared.long:
+            return prepared
     try:  # a duration the network or the features cannot serve
         seq = job.source.runtime.sequence(prepared.duration)
         if prepared.clip_features is not None:
@@ -242,11 +267,13 @@ def _open_stored(job: GenerateJob):
 
 
 def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
+    """Audio for every request of the job. Everything that can refuse (arguments, the output
+    folder, weight files, the device, the adapter) is checked before the output folder is made."""
     started = time.perf_counter()
     job.validate()
     requests = collect_requests(job)
     inputs = tuple(job.videos) + tuple(p for p in (job.tsv, job.features) if p is not None)
-    out = claim_output_folder(job.out, "generated", protected=inputs)
+    out = check_output_folder(job.out, "generated", protected=inputs)
     runtime = job.source.runtime
     real = runtime.profile == "real"
     encoders_needed = bool(job.negative_prompt) or any(r.feature_row is None or job.prompt is not None
@@ -257,7 +284,9 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
     network = job.source.load(job.lora_scale)
     if real and inferred:
         check_weights(runtime, encoders_needed)
+    job.long.check(runtime.sequence())
     network.to(runtime.torch_device)
+    mark_output_folder(out, "generated")
     summary = GenerationSummary(out, runtime.variant)
     stored = _open_stored(job)
     encoders = VideoEncoders(runtime)
@@ -271,12 +300,21 @@ def generate(job: GenerateJob, show_progress: bool = True) -> GenerationSummary:
             summary.skipped.append(f"{request.video or request.name}: {error}")
     negative = encoders.text([job.negative_prompt]) if job.negative_prompt else None
 
-    batches = duration_batches([p.duration for p in prepared], job.batch_size)
-    for batch in progress_bar(batches, desc="generating", unit="batch", disable=not show_progress):
-        members = [prepared[n] for n in batch]
+    one_window = [p for p in prepared if not p.long]
+    batches = duration_batches([p.duration for p in one_window], job.batch_size)
+    for batch in progress_bar(batches, desc="generating", unit="batch", disable=not show_progress or not batches):
+        members = [one_window[n] for n in batch]
         audio = _generate_batch(members, job, network, encoders, decoder, negative)
         for member, samples in zip(members, audio):
             _write(member.request, samples, decoder.sampling_rate, out, job.write_video, summary)
+    for member in (p for p in prepared if p.long):  # windows of one track are sequential; tracks one by one
+        request = member.request
+        text = member.text_features[None] if member.text_features is not None else encoders.text([request.caption])
+        track = voice_windows(runtime, network, decoder,
+                              Picture(request.video, request.start_sec) if request.video is not None else None,
+                              text, member.duration, job.sampling, job.long, encoders, negative, show_progress,
+                              request.name)
+        _write(request, track.audio, decoder.sampling_rate, out, job.write_video, summary)
     summary.models_loaded = runtime.loaded_models
     summary.seconds = time.perf_counter() - started
     return summary

@@ -309,7 +309,7 @@ def demo(
     steps: int = typer.Option(200, min=1, help="Training steps."),
 ) -> None:
     """Offline demo: synthetic clips, features, LoRA training and generated audio, with the tiny profile."""
-    from mmaudio_lora.demo import run_demo
+    from mmaudio_lora.demo import COMMERCIAL_SEC, run_demo
     from shared.weights import check_files
 
     with user_errors():
@@ -325,6 +325,8 @@ def demo(
                f"tensorboard --logdir {result.run / 'tensorboard'}")
     typer.echo(f"audio:    {result.generated[0]} (clip1, generated with the adapter)")
     typer.echo(f"video:    {result.generated[-1]}")
+    typer.echo(f"long:     {result.commercial[-1]} (a new {COMMERCIAL_SEC:g} s commercial, voiced by continued "
+               "8 s windows)")
     typer.echo("evaluation of the held-out clips:")
     typer.echo(result.evaluation.table())
     typer.echo(result.evaluation.verdict())
@@ -352,7 +354,16 @@ def generate(
     out: Path = typer.Option(Path("data/generated"), help="Output folder: <name>.wav and <name>.mp4."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (replaces captions); alone: text-to-audio."),
     negative_prompt: str = typer.Option("", help="What to steer away from."),
-    duration: Optional[float] = typer.Option(None, help="Seconds of audio, 0.64 to 8 (the networks' window) [default: each clip's length, up to 8]."),
+    duration: Optional[float] = typer.Option(None, help="Seconds of audio, from 0.64 to --max-duration (past the "
+                                             "8 s window: continued windows) [default: each clip's whole length]."),
+    long: str = typer.Option("windows", help="Past the 8 s window: windows (continued windows, each holding its "
+                             "overlap with the one before, as long as the picture) or off (trimmed to 8 s)."),
+    overlap: Optional[float] = typer.Option(None, help="Seconds each window shares with the one before: a whole "
+                                            "number of latent frames (32 ms at 16k, 23.2 ms at 44k), 0.64 s to half "
+                                            "the window [default: 2 s rounded to frames: 1.984 s at 16k, 1.997 s "
+                                            "at 44k]."),
+    max_duration: float = typer.Option(600.0, help="The longest track made; longer videos and --duration are "
+                                       "refused."),
     steps: int = typer.Option(25, min=1, help="Euler steps."),
     cfg: float = typer.Option(4.5, min=0.0, help="Classifier-free guidance strength."),
     seed: int = typer.Option(42, help="Noise seed (the same noise for every clip)."),
@@ -368,6 +379,7 @@ def generate(
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
 ) -> None:
     """Generate audio for videos, a clip list, precomputed features or a prompt, with or without an adapter."""
+    from generate.long import LongSettings
     from generate.model import resolve_source
     from generate.run import GenerateJob, generate as run_generation
     from shared.synthesis import SamplingSettings
@@ -379,7 +391,8 @@ def generate(
         job = GenerateJob(out=out, source=source, videos=video, tsv=tsv, video_root=video_root, features=features,
                           ids=clip_id, prompt=prompt, negative_prompt=negative_prompt, duration=duration,
                           sampling=SamplingSettings(steps, cfg, seed), lora_scale=lora_scale,
-                          batch_size=batch_size, write_video=mp4)
+                          batch_size=batch_size, write_video=mp4,
+                          long=LongSettings(long, overlap, max_duration))
         summary = run_generation(job)
     for line in summary.skipped:
         typer.echo(f"skipped {line}")

@@ -14,6 +14,7 @@ DEMO_CLIPS = [  # (duration, tone) per clip: short ones are padded to the 8 s wi
     (7.5, 500.0), (4.8, 600.0), (3.0, 700.0), (6.0, 800.0), (5.0, 900.0),
 ]
 SCENES = 8  # source videos: clip i is a segment of scene i % 8 (its title folder)
+COMMERCIAL_SEC = 20.0  # a whole new commercial, longer than the window: voiced by continued windows
 # The demo's training settings, as a file a user can read and pass on (crossval --config).
 DEMO_CONFIG = """\
 # The offline demo's training settings (tiny profile, CPU): `mmaudio-lora train --config` takes any
@@ -38,6 +39,7 @@ class DemoResult:
     feature_summary: object
     train_result: object
     generated: list[Path]  # the wav and mp4 of one demo clip, made with the trained adapter
+    commercial: list[Path]  # the wav and mp4 of a 20 s commercial, voiced by continued windows
     evaluation: object  # base against tuned on the validation clips
     report: Path  # RUN/evaluation/index.html
 
@@ -55,6 +57,9 @@ def write_demo_clips(root: Path) -> Path:
         lines.append(f"{relative}\t0\t{duration}\ta flashing square beeps at {tone:.0f} Hz")
     tsv = root / "segmented_clips.tsv"
     tsv.write_text("\n".join(lines) + "\n")
+    commercial = root / "new_commercial" / "commercial.mp4"
+    if not commercial.exists():
+        write_clip(commercial, ClipSpec(COMMERCIAL_SEC, width=96, height=64, tone_hz=550.0, seed=99))
     return tsv
 
 
@@ -81,9 +86,13 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -
     config = TrainConfig(features=[str(features)], run=str(root / "run"), steps=steps).updated(
         {k: v for k, v in read_toml(root / "train.toml").items() if k != "steps"}, str(root / "train.toml"))
     result = train(config, overwrite=True)  # the demo's own run: a rerun starts it afresh
-    generated = generate(GenerateJob(out=root / "generated", source=resolve_source(run=Path(config.run), device="cpu"),
+    source = resolve_source(run=Path(config.run), device="cpu")
+    generated = generate(GenerateJob(out=root / "generated", source=source,
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"]))
+    commercial = generate(GenerateJob(out=root / "generated_commercial", source=source,
+                                      videos=[root / "new_commercial" / "commercial.mp4"],
+                                      sampling=SamplingSettings(steps=10)))
     evaluation = evaluate(Path(config.run), resolve_source(run=Path(config.run), device="cpu"),
                           sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0), seeds=seeds)
-    return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, evaluation,
-                      Path(config.run) / "evaluation" / "index.html")
+    return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, commercial.written,
+                      evaluation, Path(config.run) / "evaluation" / "index.html")

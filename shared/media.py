@@ -338,6 +338,33 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
                    duration_sec=_floor_ms(min(video.duration_sec, audio_extent)))
 
 
+def picture_duration(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None) -> float:
+    """Seconds of picture from `start_sec` to `end_sec` (None: to the end of the video stream),
+    read from the container without decoding; raises MediaError for unusable input."""
+    import av
+
+    path = Path(path)
+    _segment_length(path, start_sec, end_sec, math.inf)  # the file's own checks
+    if end_sec is not None:
+        return end_sec - start_sec
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError("no video stream")
+            stream = container.streams.video[0]
+            if stream.duration is not None and stream.time_base is not None:
+                total = float(stream.duration * stream.time_base)
+            elif container.duration:
+                total = container.duration / av.time_base
+            else:
+                raise MediaError("the container does not say how long its picture is")
+    except av.error.FFmpegError as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if total - start_sec <= 0:
+        raise MediaError(f"the picture ends at {total:.2f} s, before the start {start_sec:g} s")
+    return total - start_sec
+
+
 def probe_duration(path: str | Path) -> float | None:
     """The container's duration in seconds, without decoding (None when unknown or unreadable)."""
     import av

@@ -63,20 +63,33 @@ def sample_latents(runtime: Runtime, network: MMAudio, clip_features: torch.Tens
                    text_features: torch.Tensor, settings: SamplingSettings,
                    negative_text_features: torch.Tensor | None = None) -> torch.Tensor:
     """Latents (B, latent_seq_len, latent_dim), unnormalized, for a batch of conditions whose
-    lengths match the network's (see `use_duration`), in the runtime's precision."""
-    device = next(network.parameters()).device
+    lengths match the network's (see `use_duration`), in the runtime's precision. Every clip starts
+    from the noise of `settings.seed`, whatever its batch."""
     batch = clip_features.shape[0]
     shape = (1, network.latent_seq_len, network.config.latent_dim)
     noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(settings.seed))
-                       for _ in range(batch)]).to(device)
+                       for _ in range(batch)])
+    latents = sample_normalized(runtime, network, clip_features, sync_features, text_features, settings, noise,
+                                negative_text_features)
+    return network.unnormalize(latents.float())
+
+
+@torch.no_grad()
+def sample_normalized(runtime: Runtime, network: MMAudio, clip_features: torch.Tensor, sync_features: torch.Tensor,
+                      text_features: torch.Tensor, settings: SamplingSettings, noise: torch.Tensor,
+                      negative_text_features: torch.Tensor | None = None,
+                      known: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized latents from `noise` (B, latent_seq_len, latent_dim) under the conditions; with
+    `known` (normalized), the first frames end exactly on it (a continued window)."""
+    device = next(network.parameters()).device
+    batch = clip_features.shape[0]
     with runtime.autocast():
         conditions = network.preprocess_conditions(clip_features.to(device), sync_features.to(device),
                                                    text_features.to(device))
         empty = network.get_empty_conditions(
             batch, None if negative_text_features is None else negative_text_features.to(device))
-        latents = euler_sample(network, noise, conditions, empty, num_steps=settings.steps,
-                               cfg_strength=settings.cfg_strength)
-    return network.unnormalize(latents.float())
+        return euler_sample(network, noise.to(device), conditions, empty, num_steps=settings.steps,
+                            cfg_strength=settings.cfg_strength, known=None if known is None else known.to(device))
 
 
 def sample_stored_clips(runtime: Runtime, network: MMAudio, clips: dict[str, torch.Tensor],

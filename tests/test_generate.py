@@ -197,6 +197,10 @@ def test_demo_ends_with_generated_audio(tmp_path):
     result = run_demo(tmp_path / "demo", steps=2, seeds=1)
     assert [p.suffix for p in result.generated] == [".wav", ".mp4"]
     assert set(stream_types(result.generated[1])) == {"video", "audio"}
+    assert [p.suffix for p in result.commercial] == [".wav", ".mp4"]  # the 20 s commercial, whole
+    import soundfile
+
+    assert soundfile.info(str(result.commercial[0])).frames == 20 * 16000
     split = json.loads((result.run / "split.json").read_text())  # validation by source video
     held = {split["group_of"][i] for i in split["val_ids"]}
     assert held and not held & {split["group_of"][i] for i in split["train_ids"]}

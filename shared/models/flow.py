@@ -89,14 +89,34 @@ def guided_flow(network: MMAudio, t: torch.Tensor, x: torch.Tensor, conditions: 
 @torch.no_grad()
 def euler_sample(network: MMAudio, x0: torch.Tensor, conditions: Conditions,
                  empty_conditions: Conditions, *, num_steps: int = 25,
-                 cfg_strength: float = 4.5) -> torch.Tensor:
-    """Integrate the guided flow from noise x0 (t=0) to a normalized latent (t=1) with Euler."""
+                 cfg_strength: float = 4.5, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Integrate the guided flow from noise x0 (t=0) to a normalized latent (t=1) with Euler; with
+    `known`, the first frames are held to it (see `integrate`)."""
+    def flow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guided_flow(network, t, x, conditions, empty_conditions, cfg_strength)
+
+    return integrate(flow, x0, num_steps, known)
+
+
+def integrate(flow, x0: torch.Tensor, num_steps: int, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler from x0 (t=0) to t=1 along `flow(x, t)` (any velocity field: the network's, or an
+    analytic one in bench/long.py). With `known` (B, K, C), the first K frames end exactly on it:
+    at every step the flow's predicted endpoint x1 = x + (1 - t) v has its first K frames replaced
+    by `known`, and the step goes to (1 - t') x0 + t' x1 with the predicted noise x0 = x - t v, so
+    the other frames are drawn towards a continuation of `known` (inpainting on the endpoint; a
+    continued window holds its overlap with the previous one this way)."""
     times = torch.linspace(0, 1, num_steps + 1, device=x0.device, dtype=torch.float32)
     x = x0
     for t_now, t_next in zip(times[:-1], times[1:]):
-        flow = guided_flow(network, t_now.reshape(1).to(x.dtype), x, conditions, empty_conditions,
-                           cfg_strength)
-        x = x + (t_next - t_now).to(x.dtype) * flow
+        velocity = flow(x, t_now.reshape(1).to(x.dtype))
+        if known is None:
+            x = x + (t_next - t_now).to(x.dtype) * velocity
+            continue
+        endpoint, noise = x + (1 - t_now) * velocity, x - t_now * velocity
+        endpoint[:, :known.shape[1]] = known
+        x = (1 - t_next) * noise + t_next * endpoint
+    if known is not None:
+        x = torch.cat([known.to(x.dtype), x[:, known.shape[1]:]], dim=1)
     return x
 
 
