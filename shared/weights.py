@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.models.sequence import DEFAULT_VARIANT
-from shared.runtime import mode_of
+from shared.models.sequence import DEFAULT_VARIANT, VARIANT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def needed_files(variant: str = DEFAULT_VARIANT) -> list[tuple[WeightFile, tuple
 
     if variant not in VARIANTS:
         raise UserError(f"unknown network variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    mode = mode_of(variant)
+    mode = VARIANT_MODES[variant]
     files = [
         (NETWORK_WEIGHTS[variant], ("train", "generate", "evaluate")),
         (VAE_WEIGHTS[mode], ("features", "generate", "evaluate")),

@@ -72,3 +72,48 @@ def test_stages_import_only_what_stands_below_them():
                 offending[str(path.relative_to(REPO))] = wrong
     assert offending == {}
     assert set(ALLOWED_STAGES) == set(PACKAGES)
+
+
+def import_cycles(root: Path, folder: str) -> list[list[str]]:
+    """Every circle among the modules under `root/folder`, top-level and function-level imports
+    alike (`from shared import x` counts as importing shared.x when that is a module)."""
+    modules = {".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in sorted((root / folder).rglob("*.py"))}
+    edges = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imported_modules(path):
+            if imported in modules:
+                targets.add(imported)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names
+                               if f"{node.module}.{alias.name}" in modules)
+        edges[name] = targets - {name}
+    cycles, state = [], {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_shared_has_no_import_circle(tmp_path):
+    """No module of shared/ imports (at the top or inside a function) one that imports it back,
+    directly or around a longer circle; the walk itself sees a circle where there is one."""
+    assert import_cycles(REPO, "shared") == []
+    package = tmp_path / "probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from probe.b import x\n")
+    (package / "b.py").write_text("def f():\n    from probe import a\n")
+    assert import_cycles(tmp_path, "probe") == [["probe.a", "probe.b", "probe.a"]]
