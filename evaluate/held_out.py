@@ -50,7 +50,7 @@ from shared.run_record import RunRecordError, Split, checkpoint_folders, read_ru
 from shared.runtime import Runtime
 from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips, use_duration
 from shared.checkpoint import CheckpointError
-from shared.weights import MissingWeightsError
+from shared.weights import DamagedWeightsError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +193,15 @@ class Judges:
     def _passt(self) -> tuple[object | None, str]:
         try:
             return self.runtime.passt(), ""
+        except DamagedWeightsError as damaged:
+            log.warning("KL_PaSST left out: %s", damaged)
+            return None, str(damaged)
         except MissingWeightsError as missing:
             log.warning("KL_PaSST left out: %s", missing)
             return None, "the PaSST-S weights are missing (`mmaudio-lora download` fetches them)"
         except CheckpointError as damaged:  # a cut-short file, an HTML page saved under its name
             log.warning("KL_PaSST left out: %s", damaged)
-            return None, f"the PaSST-S weights do not load ({damaged}); `mmaudio-lora download --force` fetches them again"
+            return None, f"the PaSST-S weights do not load ({damaged}); `mmaudio-lora download --force passt` fetches them again"
 
     @property
     def passt(self):

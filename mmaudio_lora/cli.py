@@ -67,37 +67,50 @@ def _size(num_bytes: int) -> str:
 def doctor(
     variant: str = typer.Option("large_44k_v2", help=VARIANT_HELP),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
+    verify: bool = typer.Option(False, "--verify", help="Also compare each file's md5 with the published one "
+                                "(reads every file: about 10 s per GB from disk)."),
 ) -> None:
-    """Check that every weight file of a variant is in place, and whether CUDA is usable.
+    """Check that every weight file of a variant is in place and whole (its size; md5 with
+    --verify), and whether CUDA is usable.
 
-    Exits non-zero when a needed file is missing.
-    """
+    Exits non-zero when a needed file is missing or damaged; a damaged file is named with the
+    command that fetches it again."""
     from shared.device import cuda_status
     from shared.runtime import mode_of
-    from shared.weights import check_files, default_weights_dir
+    from shared.weights import check_files, default_weights_dir, verify as verify_md5
 
     try:
         statuses = check_files(variant, weights_dir)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--variant")
+    if verify:
+        statuses = verify_md5(statuses)
     typer.echo(f"variant {variant} (audio {mode_of(variant)}), weights folder {weights_dir or default_weights_dir()}")
     for status in statuses:
         wf = status.weight_file
         needed_by = ", ".join(status.commands)
-        if status.found:
-            typer.echo(f"  found    {wf.purpose:<26} {status.path} ({_size(status.path.stat().st_size)})  [{needed_by}]")
+        if status.damage:
+            typer.echo(f"  DAMAGED  {wf.purpose:<26} {status.path}: {status.damage}  [{needed_by}]; fix: "
+                       f"`{status.fix}`")
+        elif status.found:
+            checked = " md5 ok" if verify and wf.md5 else ""
+            typer.echo(f"  found    {wf.purpose:<26} {status.path} ({_size(status.path.stat().st_size)}{checked})"
+                       f"  [{needed_by}]")
         else:
             size = f"about {_size(wf.approx_bytes)}" if wf.approx_bytes else "size not published"
             typer.echo(f"  MISSING  {wf.purpose:<26} {wf.relative_path}  from {wf.url} ({size})  [{needed_by}]")
     typer.echo(f"CUDA: {cuda_status()}")
     typer.echo(f"Licence: {LICENCE_NOTE}")
-    missing = [s for s in statuses if not s.found and not s.optional]
-    if missing:
-        typer.echo(f"{len(missing)} file(s) missing: run `mmaudio-lora download --variant {variant}`.")
+    broken = [s for s in statuses if not s.usable and not s.optional]
+    if broken:
+        typer.echo(f"{len(broken)} file(s) missing or damaged: run `mmaudio-lora download --variant {variant}` "
+                   "(it fetches both).")
         raise typer.Exit(1)
-    optional = [s.weight_file.purpose for s in statuses if not s.found and s.optional]
-    typer.echo("All needed files in place." + (f" Optional and missing: {', '.join(optional)} (evaluate leaves "
-                                                 "its metric out; `mmaudio-lora download` fetches it)." if optional else ""))
+    optional = [s.weight_file.purpose for s in statuses if not s.usable and s.optional]
+    unverified = "" if verify else " Sizes checked; `doctor --verify` compares md5 too."
+    typer.echo("All needed files in place." + (f" Optional and missing or damaged: {', '.join(optional)} (evaluate "
+                                                 "leaves its metric out; `mmaudio-lora download` fetches it)."
+                                                 if optional else "") + unverified)
 
 
 @app.command()
@@ -105,12 +118,15 @@ def download(
     variant: str = typer.Option("large_44k_v2", help=VARIANT_HELP),
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     mirror: Optional[str] = typer.Option(None, help="Base URL of a mirror serving the files by their official names."),
+    force: list[str] = typer.Option([], help="Fetch this file again even if it is there (a file name or network, "
+                                    "vae, vocoder, vocoder-config, synchformer, clip, passt; repeat)."),
 ) -> None:
-    """Download the weight files of a variant that are missing (resumes partial files, verifies md5)."""
+    """Download the weight files of a variant that are missing or damaged (resumes partial files;
+    checks md5 where published, else the size; never keeps a web page)."""
     from shared.weights import download_missing
 
     with user_errors():
-        fetched = download_missing(variant, weights_dir, mirror)
+        fetched = download_missing(variant, weights_dir, mirror, tuple(force))
     for path in fetched:
         typer.echo(f"downloaded {path} ({_size(path.stat().st_size)})")
     typer.echo("Nothing to download: all files in place." if not fetched else f"{len(fetched)} file(s) downloaded.")
