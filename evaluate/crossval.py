@@ -99,14 +99,14 @@ def crossval(job: CrossvalJob, show_progress: bool = True) -> CrossValidation:
     and the report. Everything is checked before anything is written; a cross-validation continued
     with other settings is refused and nothing on disk changes."""
     started = time.perf_counter()
-    check_scoring(job.lora_scales, job.seeds)
+    check_scoring(job.lora_scales, job.seeds, job.sampling)
     if not 0 <= job.tuning_fraction < 1:
         raise UserError(f"--tuning-fraction must be in [0, 1), not {job.tuning_fraction}")
     if job.repeats < 1:
         raise UserError(f"--repeats must be at least 1, not {job.repeats}")
     config = replace(job.config, val_fraction=0.0, val_ids=[], val_groups=[],
                      tuning_fraction=job.tuning_fraction).validate().resolved()
-    if config.seed + job.repeats > 2 ** 63:
+    if config.seed + job.repeats > 2 ** 64:
         raise UserError(f"seed {config.seed} leaves no room for {job.repeats} repeats (each trains with seed + r)")
     groups = {clip: group for folder in config.features for clip, group in feature_groups(folder).items()}
     plans = [repeat_folds(list(groups), list(groups.values()), job.folds, repeat) for repeat in range(job.repeats)]

@@ -42,13 +42,14 @@ from evaluate.verdict import METRICS, MODELS, Evaluation, differences_of, judge
 from shared.errors import UserError
 from shared.feature_files import MANIFEST_NAME
 from shared.features import FeatureSet, feature_labels, folders_window
-from shared.lora import merge_adapter
+from shared.lora import check_adapter_file, merge_adapter
 from shared.models.flow import validation_losses
-from shared.outputs import OutputError, atomic_write_text, folder_lock
+from shared.outputs import OutputError, atomic_write_text, check_not_nested, folder_lock
 from shared.progress import progress as progress_bar
 from shared.run_record import RunRecordError, Split, checkpoint_folders, read_run_config
 from shared.runtime import Runtime
-from shared.synthesis import AudioDecoder, SamplingSettings, duration_batches, sample_stored_clips, use_duration
+from shared.synthesis import (AudioDecoder, SamplingSettings, check_seed, duration_batches, sample_stored_clips,
+                              use_duration)
 from shared.checkpoint import CheckpointError
 from shared.weights import DamagedWeightsError, MissingWeightsError
 
@@ -346,13 +347,15 @@ def check_evaluation_target(out: Path) -> Path:
             ours = False
         if not ours:
             raise OutputError(f"{out}: a file mmaudio-lora did not write is in the way; choose another --out")
-    folder = out.parent if str(out.parent) else Path(".")
+    folder = (out.parent if str(out.parent) else Path(".")).resolve()
+    while not folder.exists():  # made only when the evaluation writes: a refusal leaves nothing
+        folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as error:
         raise OutputError(f"{out}: cannot write there ({error.strerror or error}); choose another --out") from None
+    check_not_nested(report_folder(out), "report")
     return out
 
 
@@ -409,8 +412,12 @@ def evaluate(run: Path, source: ModelSource | None = None, features: Path | None
     by default as the run recorded them. Every argument and output is checked before any model
     loads; the run is locked against `train` meanwhile (other readers may share it), and the JSON
     and its report against a second evaluation writing them."""
-    check_scoring(lora_scales, seeds)
+    check_scoring(lora_scales, seeds, sampling)
     run = Path(run)
+    source = source or resolve_source(run=run)
+    source.runtime.torch_device  # an unusable --device, and a diverged adapter, refused before anything is made
+    if source.adapter is not None:
+        check_adapter_file(source.adapter)
     out = check_evaluation_target(Path(out) if out is not None else run / "evaluation.json")
     pages = check_report_folder(report_folder(out)) if report else None
     adapters = kept_adapters(run) if checkpoints else {}
@@ -452,11 +459,12 @@ def write_evaluation_report(pages: Path, run: Path, scored: Scored, clips: Featu
                         {k: v for folder in folders for k, v in feature_labels(folder).items()})
 
 
-def check_scoring(lora_scales: tuple[float, ...], seeds: int) -> None:
+def check_scoring(lora_scales: tuple[float, ...], seeds: int, sampling: SamplingSettings) -> None:
     if not lora_scales or not all(math.isfinite(s) for s in lora_scales):
         raise UserError(f"--lora-scale needs finite numbers, not {list(lora_scales)}")
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {seeds}")
+    check_seed(sampling.seed + seeds - 1, "--seed + --seeds - 1 (the last seed scored)")
 
 
 def summarise(result: Evaluation, outputs: dict[str, Scores], real: RealAudio, passt: bool,

@@ -5,6 +5,7 @@ Heavy imports (torch, models) happen inside the commands so that `--help` stays 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -143,8 +144,9 @@ def features(
     variant: Optional[str] = typer.Option(None, help="The network variant you will train; it gives the audio "
                                           "mode [default: large_44k_v2, 44k]. " + VARIANT_HELP),
     mode: Optional[str] = typer.Option(None, help="The audio mode instead of a variant: 16k or 44k."),
-    window: float = typer.Option(8.0, help="Model window in seconds, 0.64 to 8; shorter clips are padded, and "
-                                 "`train` trains at the features' window."),
+    window: float = typer.Option(8.0, help="Model window in seconds: a multiple of 0.125 s from 0.75 s (the "
+                                 "shortest that holds one Synchformer window of 0.64 s) to 8 s; shorter clips are "
+                                 "padded, and `train` trains at the features' window."),
     strict: bool = typer.Option(False, help="Fail (non-zero exit, output unchanged) when any clip is skipped."),
     split_long: bool = typer.Option(False, help="Cut clips longer than the window into consecutive windows "
                                     "instead of keeping only the first."),
@@ -240,7 +242,14 @@ def train_command(
     typer.echo(result.validation)
     best = (f", best validation loss {result.best_val_loss:.4f} at step {result.best_step} "
             f"({run / 'best' / 'adapter'})") if result.best_val_loss is not None else ""
-    typer.echo(f"last training loss {result.last_train_loss:.4f}{best}")
+    last = (f"{result.last_train_loss:.4f}" if math.isfinite(result.last_train_loss) else
+            "not finite: that step updated nothing")
+    typer.echo(f"last training loss {last}{best}")
+    if result.skipped_steps:
+        typer.echo(f"warning: {result.skipped_steps} step(s) had a loss that was not finite and updated nothing "
+                   f"(the last one {'included' if not math.isfinite(result.last_train_loss) else 'not'}); the "
+                   f"adapter has {result.steps - result.skipped_steps} trained steps. If it recurs, lower the "
+                   "learning rate.", err=True)
     if result.stopped_early:
         typer.echo(f"stopped early: no better validation loss in {settings.early_stopping_patience} validations; "
                    f"adapter/ holds the best one (step {result.best_step})")

@@ -183,6 +183,7 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     with contextlib.closing(ranks):
         if ranks.device is not None:
             job = replace(job, runtime=job.runtime.on(ranks.device))
+        job.runtime.torch_device  # an unusable --device is refused before the work folder exists
         previous = PreviousOutput.read(job.out, manifest)
         cache = WorkCache(job.out)
         encoded = _encode_missing(job, items, previous, cache, ranks, show_progress)
@@ -297,11 +298,47 @@ def _assemble(job: FeatureJob, items: list[Item], encoder_weights: dict, previou
                    "end_sec": i.entry.end_sec, "group": i.entry.group, "media_key": i.media_key,
                    "text_key": i.text_key} for i in kept],
     }
+    manifest["same_clips_as"] = _lineage(job.out, previous, kept, fetch)
     shapes = {key: tuple(value.shape) for key, value in fetch(0).items()}
     write_output(job.out, [{"id": i.entry.id, "label": i.entry.caption, "group": i.entry.group} for i in kept], shapes,
                  fetch, manifest, skipped)
     cache.clear()
     return skipped, padded
+
+
+SYNC_REENCODED = "the same clips; Synchformer features re-encoded in float32 (an earlier version's were bf16 on a GPU)"
+
+
+def _lineage(out: Path, previous: PreviousOutput, kept: list[Item], fetch) -> dict[str, str]:
+    """Earlier contents of this folder that held the clips it is about to hold: {fingerprint: why}.
+    The folder it replaces counts when its ids, captions, durations, latents, CLIP and text features
+    are the new ones (within bf16 rounding) and only the Synchformer features differ: what
+    re-running `features` on a folder of an earlier version does. A run made on it then continues
+    on this one (shared/run_record.py). Carried over from the manifest it replaces."""
+    import torch
+
+    from shared.features import FeatureFormatError, feature_fingerprint, feature_labels
+
+    manifest = read_manifest(out)
+    earlier = dict((manifest or {}).get("same_clips_as", {}))
+    if previous.rows is None:
+        return earlier
+    try:
+        labels = feature_labels(out)
+        fingerprint = feature_fingerprint(out)
+    except (FeatureFormatError, OSError):
+        return earlier
+    if list(labels) != [i.entry.id for i in kept] or list(labels.values()) != [i.entry.caption for i in kept]:
+        return {}
+    for row in range(len(kept)):
+        new = fetch(row)
+        for key, value in new.items():
+            if key == "sync_features":
+                continue
+            old = previous.rows[key][row].float()
+            if old.shape != value.shape or not torch.allclose(old, value.float(), rtol=1e-2, atol=1e-3):
+                return {}
+    return {**earlier, fingerprint: SYNC_REENCODED}
 
 
 def _unique(items: list[Item], key: str) -> list[Item]:

@@ -193,7 +193,7 @@ class FeatureSet:
             if not part.has_groups and str(folder) not in _told_without_groups:
                 _told_without_groups.add(str(folder))
                 log.warning("%s: made before source videos were recorded (no `group` column): each clip counts as "
-                            "its own source; run `mmaudio-lora features` again (no re-encoding) to hold out "
+                            "its own source; run `mmaudio-lora features` again to hold out "
                             "whole source videos", folder)
         tensors = {
             "a_mean": torch.cat([p.mean[:] for p in parts]),
@@ -209,7 +209,7 @@ class FeatureSet:
         if short:
             listed = ", ".join(f"{i} ({d:.2f} s)" for i, d in short[:5])
             raise FeatureFormatError(f"clips shorter than the {MIN_CLIP_SEC} s minimum: {listed}; run "
-                                     "`mmaudio-lora features` again: it now leaves them out (no re-encoding)")
+                                     "`mmaudio-lora features` again: it now leaves them out")
         return cls(ids, {k: v.float() for k, v in tensors.items()}, [g for part in parts for g in part.groups])
 
     def __len__(self) -> int:

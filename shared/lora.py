@@ -65,9 +65,10 @@ def add_lora(network: MMAudio, config) -> nn.Module:
     containers = [n for n in targets if not isinstance(network.get_submodule(n), (nn.Linear, nn.Conv1d))]
     if containers:
         kind = type(network.get_submodule(containers[0])).__name__
-        raise AdapterError(f"target_modules {config.target_modules!r} matches {containers[0]} ({kind}), which holds "
-                           "layers rather than being one; LoRA goes on Linear (or Conv1d) layers: match names such "
-                           "as joint_blocks.0.latent_block.attn.qkv")
+        name = repr(containers[0]) if containers[0] else "'' (the whole network)"
+        raise AdapterError(f"target_modules {config.target_modules!r} matches {len(targets)} module(s), {len(containers)} "
+                           f"of them holding layers rather than being one, e.g. {name} ({kind}); LoRA goes on Linear "
+                           "(or Conv1d) layers: match names such as joint_blocks.0.latent_block.attn.qkv")
     if config.use_dora:
         convs = [n for n in targets if not isinstance(network.get_submodule(n), nn.Linear)]
         if convs:
@@ -112,6 +113,25 @@ def adapter_bytes(peft_model) -> int:
 def adapter_info(directory: str | Path) -> dict[str, str]:
     path = Path(directory) / ADAPTER_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_adapter_file(directory: str | Path) -> None:
+    """The adapter folder's files are there and its weights finite, read without a network: a
+    command refuses a diverged adapter before it makes anything."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise AdapterError(f"{directory}: not an adapter folder (missing {', '.join(missing)})")
+    try:
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except Exception as error:  # safetensors raises several types for bad files
+        raise AdapterError(f"{directory}: unreadable adapter weights ({type(error).__name__})") from None
+    broken = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise AdapterError(f"{directory}: {len(broken)} of the adapter's tensors are not finite (a diverged run, e.g. "
+                           f"{broken[0]}); use a checkpoint from before it diverged")
 
 
 def load_adapter(network: MMAudio, directory: str | Path, is_trainable: bool = False,

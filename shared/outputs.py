@@ -239,8 +239,9 @@ def require_space(path: str | os.PathLike, needed: int, what: str) -> None:
     (a memmap written to a full disk kills the process with SIGBUS, and no message)."""
     free = free_bytes(path)
     if free < needed + FULL_BELOW:
-        raise OutputError(f"{path}: not enough disk space for {what}: {_size(needed)} needed, {_size(free)} free; "
-                          "free some space (or write elsewhere) and run again")
+        raise OutputError(f"{path}: not enough disk space for {what}: {_size(needed)} needed and "
+                          f"{_size(FULL_BELOW)} kept free as a margin, {_size(free)} free; free some space (or write "
+                          "elsewhere) and run again")
 
 
 def _size(count: int) -> str:

@@ -123,6 +123,25 @@ def read_metrics_log(run: str | os.PathLike) -> list[dict]:
     return records
 
 
+_told_reencoded: set[tuple[str, str]] = set()
+
+
+def _reencoded(folder: str, fingerprint: str) -> bool:
+    """Whether `folder` holds the clips of the features a run recorded as `fingerprint`, re-encoded
+    since (its manifest says so: `features` re-run on an earlier version's folder); said once."""
+    from shared.feature_files import MANIFEST_NAME
+
+    try:
+        why = json.loads((Path(folder) / MANIFEST_NAME).read_text()).get("same_clips_as", {}).get(fingerprint)
+    except (OSError, ValueError, AttributeError):
+        return False
+    if why and (folder, fingerprint) not in _told_reencoded:
+        _told_reencoded.add((folder, fingerprint))
+        log.warning("%s: re-encoded since the run started (%s); its split and clips are unchanged: continuing",
+                    folder, why)
+    return bool(why)
+
+
 @dataclass
 class Split:
     """The clips a run trained and validated on, and the feature folders they came from."""
@@ -177,7 +196,7 @@ class Split:
         fingerprint = self.feature_folders[recorded]
         try:
             if fingerprint.startswith("content:"):
-                return feature_fingerprint(folder) == fingerprint
+                return feature_fingerprint(folder) == fingerprint or _reencoded(folder, fingerprint)
             return fingerprint in legacy_fingerprints(folder)
         except (FeatureFormatError, OSError):
             return False

@@ -37,6 +37,11 @@ def mode_of(variant: str) -> str:
     return VARIANT_MODES[variant]
 
 
+WINDOW_RULE = (f"a multiple of {1 / CLIP_FPS:g} s (CLIP takes {CLIP_FPS} frames a second) from "
+               f"{math.ceil(MIN_CLIP_SEC * CLIP_FPS) / CLIP_FPS:g} s (the shortest such length that holds one "
+               f"Synchformer window of {MIN_CLIP_SEC:g} s) to {DEFAULT_WINDOW_SEC:g} s (the networks' window)")
+
+
 def check_window(window_sec: float, what: str = "--window") -> float:
     """A feature window the network can train on: whole CLIP frames (8 a second), from the first
     such length that holds a Synchformer window (0.75 s) up to the networks' 8 s; a wrong one is
@@ -51,9 +56,7 @@ def check_window(window_sec: float, what: str = "--window") -> float:
             low = min(max(math.floor(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
             high = min(max(math.ceil(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
             nearest = f"; nearest: {low:g}" + (f" or {high:g}" if high != low else "")
-        raise UserError(f"{what} {window_sec}: must be a multiple of {step:g} s (CLIP takes {CLIP_FPS} frames a "
-                        f"second) from {shortest:g} s (one Synchformer window) to {DEFAULT_WINDOW_SEC:g} s (the "
-                        f"networks' window){nearest}")
+        raise UserError(f"{what} {window_sec}: {WINDOW_RULE}{nearest}")
     return float(window_sec)
 
 

@@ -22,10 +22,20 @@ class SamplingSettings:
     seed: int = 42  # every clip starts from the noise of this seed, whatever its batch
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, not {self.steps}")
         if self.cfg_strength < 0:
             raise UserError(f"cfg strength must be non-negative, not {self.cfg_strength}")
+
+
+SEED_LIMIT = 2 ** 64  # torch's generators take 0 .. 2^64 - 1
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    if not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+        raise UserError(f"{what} must be a whole number from 0 to 2^64 - 1, not {seed}")
+    return seed
 
 
 def use_duration(network: MMAudio, seq: SequenceConfig) -> None:

@@ -258,12 +258,14 @@ def test_symlinks_leading_outside_are_named_and_can_be_allowed(tmp_path):
 
 # -- arguments and messages -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("duration", ["0", "-2", "nan", "0.3", "30", "1e9"])
-def test_generate_rejects_a_bad_duration_before_loading_anything(duration, tmp_path):
+@pytest.mark.parametrize("duration,long", [("0", "windows"), ("-2", "windows"), ("nan", "windows"),
+                                           ("0.3", "windows"), ("700", "windows"), ("1e9", "windows"), ("30", "off")])
+def test_generate_rejects_a_bad_duration_before_loading_anything(duration, long, tmp_path):
     result = runner.invoke(app, ["generate", "--no-adapter", "--profile", "tiny", "--prompt", "rain",
-                                 "--duration", duration, "--out", str(tmp_path / "out")])
+                                 "--duration", duration, "--out", str(tmp_path / "out"), "--long", long])
     assert result.exit_code == 1
-    assert "--duration must be between 0.64 s (one Synchformer window) and 8 s" in result.output
+    limit = "600 s (--max-duration)" if long == "windows" else "8 s (the networks' window; --long windows goes further)"
+    assert f"--duration must be between 0.64 s (one Synchformer window) and {limit}" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -172,8 +172,8 @@ def test_small_mistakes_are_one_line(features, two_clips, tmp_path):
         run_features(FeatureJob(tsv=tmp_path / "long.tsv", video_root=two_clips / "videos", out=tmp_path / "f",
                                 runtime=Runtime(mode="16k", profile="tiny")), show_progress=False)
     result = runner.invoke(app, ["train", "--features", str(features), "--run", str(tmp_path / "r"), "--profile",
-                                 "tiny", "--seed", str(2 ** 63)])
-    assert result.exit_code == 1 and "seed must be between 0 and 2^63 - 1" in result.output
+                                 "tiny", "--seed", str(2 ** 64)])
+    assert result.exit_code == 1 and "seed must be a whole number from 0 to 2^64 - 1" in result.output
     toml = tmp_path / "bom.toml"
     toml.write_bytes('\ufeffprofile = "tiny"\nsteps = 1\n'.encode("utf-8"))
     from train.config import read_toml
@@ -293,3 +293,128 @@ def test_make_test_names_the_browser_it_needs_when_it_cannot_install_it(tmp_path
     (bin_folder / "chromium").chmod(0o755)
     assert subprocess.run(["/bin/sh", str(REPO / "tests" / "tools" / "require-browser")],
                           env={"PATH": f"{bin_folder}:/nonexistent"}).returncode == 0
+
+
+def _paths(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_refusal_leaves_the_disk_as_it_was(features, two_clips, trained_run, tmp_path):
+    """An unusable device, a diverged adapter, a seed out of range, a duration too long: each
+    command refuses in one line before it makes anything (no output folder, no work folder)."""
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(trained_run, diverged)
+    tensors = load_file(diverged / "adapter" / "adapter_model.safetensors")
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    save_file(tensors, str(diverged / "adapter" / "adapter_model.safetensors"))
+    work = tmp_path / "work"
+    work.mkdir()
+    generate = ["generate", "--profile", "tiny", "--variant", "small_16k", "--prompt", "rain", "--duration", "1",
+                "--steps", "1", "--out", str(work / "out")]
+    cases = {
+        "features, unusable device": ["features", "--tsv", str(two_clips / "clips.tsv"), "--video-root",
+                                      str(two_clips / "videos"), "--out", str(work / "f"), "--profile", "tiny",
+                                      "--mode", "16k", "--device", "cuda:99"],
+        "generate, unusable device": [*generate, "--no-adapter", "--device", "cuda:99"],
+        "generate, diverged adapter": ["generate", "--run", str(diverged), "--prompt", "rain", "--duration", "1",
+                                       "--steps", "1", "--out", str(work / "out")],
+        "generate, seed 2^64": [*generate, "--no-adapter", "--seed", str(2 ** 64)],
+        "generate, duration": [*generate[:-4], "--no-adapter", "--duration", "601", "--out", str(work / "out")],
+        "evaluate, seed 2^64": ["evaluate", "--run", str(trained_run), "--seed", str(2 ** 64), "--out",
+                                str(work / "e" / "e.json")],
+        "evaluate, last seed past 2^64": ["evaluate", "--run", str(trained_run), "--seed", str(2 ** 64 - 2),
+                                          "--seeds", "3", "--out", str(work / "e" / "e.json")],
+        "evaluate, unusable device": ["evaluate", "--run", str(trained_run), "--device", "cuda:99", "--out",
+                                      str(work / "e" / "e.json")],
+        "evaluate, diverged adapter": ["evaluate", "--run", str(diverged), "--out", str(work / "e" / "e.json")],
+        "train, seed 2^64": ["train", "--features", str(features), "--run", str(work / "r"), "--profile", "tiny",
+                             "--seed", str(2 ** 64)],
+    }
+    before, around = _paths(work), _paths(tmp_path.parent)
+    for case, args in cases.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0 and result.output.startswith("error: "), (case, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (case, result.output)
+        assert _paths(work) == before, case
+    assert _paths(tmp_path.parent) == around
+
+
+def test_a_run_on_an_earlier_version_s_bf16_folder_resumes_after_the_advised_re_run(two_clips, tmp_path, caplog):
+    """A feature folder as the previous version wrote it on a GPU (Synchformer features in bf16,
+    media fingerprints of its own), a run made on it, then `features` run again as advised: it
+    re-encodes (float32 Synchformer features) and the run continues on it, said in one line, with
+    its split and clips unchanged."""
+    from tensordict import TensorDict
+
+    out = tmp_path / "features"
+    run_features(job(two_clips, out), show_progress=False)
+    memmap = TensorDict.load_memmap(out / "memmap")
+    memmap["sync_features"].copy_(memmap["sync_features"].to(torch.bfloat16).float())  # made at bf16
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rows in (manifest["entries"], manifest["rows"]):
+        for row in rows:
+            row[-2] += "-earlier-version"  # its media fingerprints did not say "synchformer fp32"
+    for clip in manifest["clips"]:
+        clip["media_key"] += "-earlier-version"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    train(tiny(features=out, run=run, steps=2), show_progress=False)
+    split = (run / "split.json").read_text()
+    summary = run_features(job(two_clips, out), show_progress=False)
+    assert summary.encoded_media == 2  # re-encoded, once
+    assert not torch.equal(TensorDict.load_memmap(out / "memmap")["sync_features"], memmap["sync_features"])
+    with caplog.at_level("WARNING"):
+        result = train(tiny(features=out, run=run, steps=3), resume=True, show_progress=False)
+    assert result.steps == 3 and result.steps_this_run == 1
+    assert sum("re-encoded since the run started" in r.getMessage() for r in caplog.records) == 1
+    assert json.loads((run / "split.json").read_text())["train_ids"] == json.loads(split)["train_ids"]
+
+
+def test_the_small_ones_of_the_fourth_pass(features, tmp_path, monkeypatch):
+    """A last step skipped as not finite is said, and the card counts trained steps; `.*` as
+    target_modules names what it matched; --overwrite keeps the old run until the new one has an
+    adapter (a new run that fails before that leaves the old one as it was); the disk refusal
+    states its margin."""
+    import train.loop as loop
+
+    real, calls = loop.training_loss, {"n": 0}
+
+    def last_one_not_finite(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(loop, "training_loss", last_one_not_finite)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--features", str(features), "--run", str(run), "--profile", "tiny",
+                                 "--steps", "3", "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "last training loss not finite: that step updated nothing" in result.output
+    assert "1 step(s) had a loss that was not finite" in result.output
+    card = (run / "adapter" / "README.md").read_text()
+    assert "| steps | 2 trained, 1 more skipped: loss not finite (step 3 of 3;" in card
+    monkeypatch.setattr(loop, "training_loss", real)
+
+    with pytest.raises(UserError, match=r"target_modules '\.\*' matches \d+ module\(s\), \d+ of them holding layers.*"
+                                        r"'' \(the whole network\) \(MMAudio\)"):
+        train(tiny(features, tmp_path / "dotstar", target_modules=".*"), show_progress=False)
+
+    before = _paths(run)
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    failing = runner.invoke(app, ["train", "--features", str(features), "--run", str(run), "--profile", "tiny",
+                                  "--steps", "30", "--batch-size", "2", "--lr", "1e4", "--device", "cpu",
+                                  "--overwrite"])
+    assert failing.exit_code == 1 and "training diverged" in failing.output
+    assert _paths(run) == before and (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (tmp_path / ".run.previous").exists()
+    replaced = train(tiny(features, run, steps=1), overwrite=True, show_progress=False)
+    assert replaced.steps == 1 and not (tmp_path / ".run.previous").exists()
+
+    import shutil as shutil_module
+
+    disk = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: disk(path)._replace(free=5 * 2 ** 20))
+    with pytest.raises(UserError, match=r"needed and 16.8 MB kept free as a margin, 5.2 MB free"):
+        train(tiny(features, tmp_path / "full"), show_progress=False)

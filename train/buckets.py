@@ -32,7 +32,8 @@ def bucket_lengths(durations: list[float], bucket_sec: float, window_sec: float)
 
 def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of one epoch: a function of (seed, epoch) only, so resuming repeats it."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    # modulo 2^64: the generator's range (unchanged for every seed below 1.8e14, so old runs resume alike)
+    return torch.randperm(count, generator=torch.Generator().manual_seed((seed * 100003 + epoch) % 2 ** 64))
 
 
 def epoch_plan(buckets: list[float], batch_size: int, seed: int, epoch: int) -> list[Batch]:
@@ -60,5 +61,6 @@ def epoch_plan(buckets: list[float], batch_size: int, seed: int, epoch: int) -> 
             batches.append(Batch(length, members[:batch_size]))
             members = members[batch_size:]
         carried = members  # up into the next longer bucket; the last remainder is dropped
-    shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 100003 + epoch + 7919))
+    generator = torch.Generator().manual_seed((seed * 100003 + epoch + 7919) % 2 ** 64)
+    shuffle = torch.randperm(len(batches), generator=generator)
     return [batches[i] for i in shuffle.tolist()]

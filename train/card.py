@@ -12,8 +12,10 @@ def _duration(seconds: float) -> str:
 
 
 def model_card(config: TrainConfig, train_clips: int, train_seconds: float, val_clips: int, step: int,
-               best_val_loss: float | None, best_step: int | None) -> str:
-    """README.md for an adapter saved at `step` of the run `config` describes."""
+               best_val_loss: float | None, best_step: int | None, skipped_steps: int = 0) -> str:
+    """README.md for an adapter saved at `step` of the run `config` describes (`skipped_steps` of
+    them updated nothing: their loss was not finite)."""
+    skipped = f", {skipped_steps} more skipped: loss not finite" if skipped_steps else ""
     tags = "\n".join(f"- {tag}" for tag in CARD_TAGS)
     best = f"{best_val_loss:.4f} at step {best_step}" if best_val_loss is not None else "no validation split"
     options = (f"rank {config.rank}, alpha {config.alpha:g}, dropout {config.lora_dropout:g}, "
@@ -35,7 +37,7 @@ Fine-tuned with mmaudio-lora: LoRA on the frozen network, trained from precomput
 | training clips | {train_clips} ({_duration(train_seconds)} in all); {val_clips} held out for validation |
 | LoRA | {options} |
 | target modules | `{config.target_modules}` |
-| steps | {step} of {config.steps} (batch {config.batch_size}, learning rate {config.lr:g}, {config.schedule}) |
+| steps | {step - skipped_steps} trained{skipped} (step {step} of {config.steps}; batch {config.batch_size}, learning rate {config.lr:g}, {config.schedule}) |
 | length buckets | {f"{config.length_bucket_sec:g} s" if config.length_bucket_sec else "off (fixed 8 s window)"} |
 | best validation loss | {best} |
 

@@ -148,8 +148,8 @@ class TrainConfig:
                self.checkpoint_every, self.keep_last, self.max_nonfinite_steps) < 1:
             raise UserError("steps, batch_size, grad_accumulation, rank, val_every, log_every, checkpoint_every, "
                             "keep_last and max_nonfinite_steps must be positive")
-        if not 0 <= self.seed < 2 ** 63:
-            raise UserError(f"seed must be between 0 and 2^63 - 1, not {self.seed}")
+        if not 0 <= self.seed < 2 ** 64:
+            raise UserError(f"seed must be a whole number from 0 to 2^64 - 1, not {self.seed}")
         for name in ("lr", "alpha", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be positive, not {getattr(self, name)}")

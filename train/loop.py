@@ -59,6 +59,7 @@ class RunResult:
     best_step: int | None  # when the best validation loss was measured
     stopped_early: bool  # early stopping ended the run before `steps`
     seconds: float
+    skipped_steps: int = 0  # steps whose loss was not finite: they updated nothing
     validation: str = ""  # e.g. "validation: 8 clips from 2 source videos (none of their segments in training)"
     main_process: bool = True  # False on the other ranks of a torchrun job: rank 0 reports
 
@@ -170,6 +171,7 @@ class Trainer:
         self.step = 0
         self.choices = Choices(config.early_stopping_patience)  # best adapter, early stopping
         self.nonfinite_steps = 0  # steps in a row whose loss was not finite
+        self.skipped_steps = 0  # steps in all whose loss was not finite (they updated nothing)
         self.weights_finite = True
 
     # -- data ----------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class Trainer:
         if not math.isfinite(total_loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
+            self.skipped_steps += 1
             return total_loss
         self.nonfinite_steps = 0
         torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
@@ -269,7 +272,7 @@ class Trainer:
         durations = self.train_set.tensors["duration_sec"]
         return model_card(self.config, len(self.train_set), float(durations.sum()),
                           0 if self.val_set is None else len(self.val_set), self.step, self.choices.best,
-                          self.choices.best_step)
+                          self.choices.best_step, self.skipped_steps)
 
     def save_checkpoint(self) -> None:
         if not self.main_process:
@@ -285,7 +288,7 @@ class Trainer:
                  **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
                  "best_val_loss": math.nan if self.choices.best is None else self.choices.best,
                  "best_step": -1 if self.choices.best_step is None else self.choices.best_step,
-                 "stale_validations": self.choices.stale}
+                 "stale_validations": self.choices.stale, "skipped_steps": self.skipped_steps}
         with atomic_path(folder / STATE_FILE) as temporary:
             torch.save(state, temporary)
         kept = [folder for _, folder in checkpoint_folders(self.run)]  # our names only: a user's copy stays
@@ -314,6 +317,7 @@ class Trainer:
         self.choices.best = None if best is None or math.isnan(best) else float(best)
         self.choices.best_step = None if state.get("best_step", -1) < 0 else int(state["best_step"])
         self.choices.stale = int(state.get("stale_validations", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         log.info("resumed from %s at step %d", folder, self.step)
 
     # -- the run -----------------------------------------------------------------------------------
@@ -427,5 +431,5 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
                 restore_previous(run)
             raise
     return RunResult(run, trainer.step, trained, trainer.trainable, trainer.total, last_loss, trainer.choices.best,
-                     trainer.choices.best_step, stopped, time.perf_counter() - started, trainer.split.describe_validation(),
-                     ranks.is_main)
+                     trainer.choices.best_step, stopped, time.perf_counter() - started, trainer.skipped_steps,
+                     trainer.split.describe_validation(), ranks.is_main)
