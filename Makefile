@@ -37,9 +37,10 @@ lock: | $(UV)
 	$(UV) lock --upgrade
 
 # The report test needs chromium: installed here when missing and we are root (as CI is), else named.
+# One worker per core (pytest-xdist), each test file whole on one worker (its module fixtures built once).
 test: $(STAMP)
 	@tests/tools/require-browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: $(STAMP)
 	$(BIN)/mmaudio-lora demo

@@ -39,16 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluate.held_out import (Judges, RealAudio, Scored, Scores, check_scoring, explore, failed, held_out_clips,
-                               mean_of, score_held_out, summarise, write_evaluation_report)
+from evaluate.held_out import (Judges, RealAudio, Scored, Scores, check_scoring, explore, held_out_clips, mean_of,
+                               score_held_out, summarise, write_evaluation_report)
 from evaluate.kad import kad_by_source
 from evaluate.report import write_crossval_report
 from evaluate.verdict import METRICS, MODELS, CrossValidation, Evaluation, differences_of, judge
 from generate.model import ModelSource
 from shared.errors import UserError
 from shared.features import feature_fingerprint, feature_groups, source_folds, source_hash
-from shared.outputs import (MARKER, atomic_path, atomic_write_text, check_output_folder, folder_kind, folder_lock,
-                            mark_output_folder)
+from shared.outputs import MARKER, atomic_path, atomic_write_text, check_output_folder, folder_lock, mark_output_folder
 from shared.run_record import (CONFIG_FILE, EMBEDDINGS_FILE, EVALUATION_FILE, Split, read_json, read_metrics_log,
                                read_run_config)
 from shared.synthesis import SamplingSettings

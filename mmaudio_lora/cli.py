@@ -458,6 +458,14 @@ def evaluate(
     weights_dir: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     allow_trained: bool = typer.Option(False, "--allow-trained", help="With --features: score clips (or sources) the "
                                        "adapter trained on, knowingly (refused otherwise: they are not held out)."),
+    long: bool = typer.Option(False, "--long", help="Judge long audio: voice the run's held-out commercials whole "
+                              "(base and fine-tune, continued windows) and score DeSync and KL_PaSST per window and "
+                              "the seams at the joins; needs --tsv with an original_video column and the files."),
+    tsv: Optional[Path] = typer.Option(None, help="With --long: the clip list the features were made from."),
+    video_root: Optional[Path] = typer.Option(None, help="With --long: the folder the list's paths are relative to "
+                                              "[default: the list's folder]."),
+    originals: Optional[Path] = typer.Option(None, help="With --long: the folder holding the original_video files "
+                                             "[default: the video root]."),
 ) -> None:
     """Compare the base model with the fine-tuned one on held-out clips: validation flow loss,
     log-mel L1, DeSync and KL_PaSST, tested over source videos (a sign-flip test, Holm across the
@@ -470,6 +478,10 @@ def evaluate(
     from evaluate.report import report_folder
     from shared.synthesis import SamplingSettings
 
+    if long:
+        _evaluate_long(run, tsv, video_root, originals, out, (steps, cfg, seed), seeds, lora_scale,
+                       resolve_source, (profile, checkpoint, weights_dir, device, precision))
+        return
     with user_errors():
         scales = _scales(lora_scale)
         source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
@@ -484,6 +496,30 @@ def evaluate(
     numbers = out or run / "evaluation.json"
     typer.echo(f"numbers: {numbers}; report: {report_folder(numbers) / 'index.html'} "
                f"({result.seconds:.0f} s)")
+
+
+def _evaluate_long(run: Path, tsv: Optional[Path], video_root: Optional[Path], originals: Optional[Path],
+                   out: Optional[Path], sampling: tuple, seeds: int, lora_scale: str, resolve_source,
+                   model: tuple) -> None:
+    from evaluate.long_form import evaluate_long
+    from shared.synthesis import SamplingSettings
+
+    with user_errors():
+        sampling = SamplingSettings(*sampling)
+        if tsv is None:
+            raise UserError("evaluate --long needs --tsv: the clip list with the original_video column")
+        root = video_root or tsv.parent
+        profile, checkpoint, weights_dir, device, precision = model
+        source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
+                                device=device, precision=precision)
+        result = evaluate_long(run, tsv, root, originals or root, out or run / "long_evaluation.json", sampling,
+                               seeds, _scales(lora_scale)[0], source=source)
+    typer.echo(f"{result.variant}, {len(result.tracks)} held-out commercial(s) voiced whole, "
+               f"{sampling.steps} sampling steps, cfg {sampling.cfg_strength:g}, {seeds} seed(s):")
+    typer.echo(result.table())
+    typer.echo(result.verdict())
+    numbers = out or run / "long_evaluation.json"
+    typer.echo(f"numbers: {numbers}; audio: {numbers.with_suffix('')} ({result.seconds:.0f} s)")
 
 
 @app.command()

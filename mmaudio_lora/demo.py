@@ -63,9 +63,10 @@ def write_demo_clips(root: Path) -> Path:
     return tsv
 
 
-def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -> DemoResult:
-    """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model. The
-    training settings are written to ROOT/train.toml (a cross-validation of the demo reads them)."""
+def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3, sampling_steps: int = 10) -> DemoResult:
+    """The whole flow on generated clips; `seeds`: the evaluation's seeds per clip and model;
+    `sampling_steps`: Euler steps of the evaluation and of the long commercial. The training
+    settings are written to ROOT/train.toml (a cross-validation of the demo reads them)."""
     from evaluate.held_out import evaluate
     from generate.model import resolve_source
     from generate.run import GenerateJob, generate
@@ -91,8 +92,8 @@ def run_demo(root: Path = Path("data/demo"), steps: int = 200, seeds: int = 3) -
                                      videos=[root / "segmented_videos" / "scene1/clip1.mp4"]))
     commercial = generate(GenerateJob(out=root / "generated_commercial", source=source,
                                       videos=[root / "new_commercial" / "commercial.mp4"],
-                                      sampling=SamplingSettings(steps=10)))
+                                      sampling=SamplingSettings(steps=sampling_steps)))
     evaluation = evaluate(Path(config.run), resolve_source(run=Path(config.run), device="cpu"),
-                          sampling=SamplingSettings(steps=10), lora_scales=(0.5, 1.0), seeds=seeds)
+                          sampling=SamplingSettings(steps=sampling_steps), lora_scales=(0.5, 1.0), seeds=seeds)
     return DemoResult(tsv, features, Path(config.run), summary, result, generated.written, commercial.written,
                       evaluation, Path(config.run) / "evaluation" / "index.html")

@@ -40,6 +40,7 @@ class ClipEntry:
     end_sec: float | None  # None: up to the end of the file (or the window)
     caption: str
     group: str = ""  # the source video (see the module's docstring)
+    original: str = ""  # the `original_video` column: the whole video the segment was cut from
 
 
 GROUP_COLUMNS = ("original_video", "title_folder")
@@ -153,7 +154,8 @@ def read_clip_list(tsv: str | Path, video_root: str | Path, allow_symlinks: bool
         if refusal is not None:
             problems.setdefault(refusal, []).append(line)
             continue
-        clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column], group))
+        clips.append(ClipEntry(line, clip_id, video, start, end, record[caption_column], group,
+                               record.get("original_video", "")))
         named_by.append({c: record[c] for c in GROUP_COLUMNS if record.get(c)})
     if problems:
         raise ClipListError(f"{tsv}: " + "; ".join(_rows_message(p, rows) for p, rows in problems.items()))

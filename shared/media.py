@@ -338,6 +338,23 @@ def load_segment(path: str | Path, start_sec: float = 0.0, end_sec: float | None
                    duration_sec=_floor_ms(min(video.duration_sec, audio_extent)))
 
 
+def load_track(path: str | Path, rate: int) -> torch.Tensor:
+    """A file's whole sound track, mono float32 at `rate`, placed at its timestamp (silence before
+    a track that starts after the picture), as it is (not normalized)."""
+    import av
+
+    path = Path(path)
+    _segment_length(path, 0.0, None, math.inf)
+    try:
+        with av.open(str(path)) as container:
+            track, first_time, source_rate = _read_audio(container)
+    except av.error.FFmpegError as error:
+        raise MediaError(f"cannot decode: {error}") from None
+    if first_time > 0:
+        track = np.concatenate([np.zeros(int(round(first_time * source_rate)), np.float32), track])
+    return _resample_segment(track, 0, track.shape[0], source_rate, rate).float()
+
+
 def picture_duration(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None) -> float:
     """Seconds of picture from `start_sec` to `end_sec` (None: to the end of the video stream),
     read from the container without decoding; raises MediaError for unusable input."""

@@ -46,7 +46,6 @@ def check_window(window_sec: float, what: str = "--window") -> float:
     """A feature window the network can train on: whole CLIP frames (8 a second), from the first
     such length that holds a Synchformer window (0.75 s) up to the networks' 8 s; a wrong one is
     refused with the nearest valid values."""
-    step = 1 / CLIP_FPS
     shortest = math.ceil(MIN_CLIP_SEC * CLIP_FPS) / CLIP_FPS
     valid = (isinstance(window_sec, (int, float)) and math.isfinite(window_sec)
              and shortest <= window_sec <= DEFAULT_WINDOW_SEC and float(window_sec * CLIP_FPS).is_integer())
@@ -56,7 +55,7 @@ def check_window(window_sec: float, what: str = "--window") -> float:
             low = min(max(math.floor(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
             high = min(max(math.ceil(window_sec * CLIP_FPS) / CLIP_FPS, shortest), DEFAULT_WINDOW_SEC)
             nearest = f"; nearest: {low:g}" + (f" or {high:g}" if high != low else "")
-        raise UserError(f"{what} {window_sec}: {WINDOW_RULE}{nearest}")
+        raise UserError(f"{what} {window_sec}: must be {WINDOW_RULE}{nearest}")
     return float(window_sec)
 
 

@@ -11,7 +11,13 @@ from typing import Iterator
 
 import pytest
 
-from shared.runtime import Runtime
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the processes tests start, too
+    import torch
+
+    torch.set_num_threads(1)
+
+from shared.runtime import Runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("MMAUDIO_LORA_REFERENCE", REPO.parent / "shared" / "reference"))
@@ -74,6 +80,18 @@ def features(tmp_path_factory):
     run_features(FeatureJob(tsv=root / "clips.tsv", video_root=root / "videos", out=out,
                             runtime=Runtime(mode="16k", profile="tiny"), workers=0), show_progress=False)
     return out
+
+
+# `make test` runs each file whole on one of the workers, in collection order: the longest files go
+# first, so that the workers end together on short ones.
+LONGEST_FIRST = ("test_precompute.py", "test_crossval.py", "test_generate.py", "test_nothing_lost.py",
+                 "test_encoders.py", "test_train.py", "test_bad_input.py", "test_long_memory.py", "test_fast_paths.py",
+                 "test_passt.py", "test_network.py", "test_long.py", "test_gpu_check.py", "test_verdict.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
 
 
 PROJECT_PACKAGES = ("shared", "precompute", "train", "generate", "evaluate", "mmaudio_lora")

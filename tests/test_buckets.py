@@ -112,12 +112,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(features):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-5)
 
 
-def test_early_stopping_keeps_the_best_adapter(features, tmp_path):
-    """A learning rate far too high makes validation on these two clips worse after the first
-    check: the run stops after `patience` worse validations and its adapter is the best one."""
-    config = _config(features, tmp_path / "run", steps=40, lr=0.5, warmup_steps=1, val_every=2,
+def test_early_stopping_keeps_the_best_adapter(features, tmp_path, monkeypatch):
+    """Validation gets worse after the second check (the losses are scripted, the training is
+    real): the run stops after `patience` worse validations and its adapter is the best one."""
+    from train.loop import Trainer
+
+    losses = iter([4.0, 3.0, 3.5, 3.6, 3.7, 3.8])
+    validate = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self, clips: None if validate(self, clips) is None else next(losses))
+    config = _config(features, tmp_path / "run", steps=40, lr=1e-2, warmup_steps=1, val_every=2,
                      early_stopping_patience=2, val_ids=["c0", "c1"])
     result = train(config, show_progress=False)
+    assert result.best_step == 4 and result.steps == 8
     assert result.stopped_early and result.steps < 40 and result.best_step is not None
     assert result.steps == result.best_step + 2 * 2  # two validations, two steps apart
     best = load_file(tmp_path / "run" / "best" / "adapter" / "adapter_model.safetensors")

@@ -48,11 +48,14 @@ def test_cli_generates_wav_and_mp4_for_a_real_clip(run, tmp_path):
                                         "4.5", "--seed", "3"])
     assert finished.exit_code == 0, finished.output
     audio, rate = read_audio(out / f"{EXAMPLE.stem}.wav")
-    assert rate == 16000 and audio.shape[0] == 8 * 16000  # a 10 s clip is trimmed to the 8 s window
+    from shared.media import picture_duration
+
+    picture = picture_duration(EXAMPLE)  # 10.04 s: past the window, voiced whole by two continued windows
+    assert rate == 16000 and audio.shape[0] == round(picture * 16000)
     assert np.isfinite(audio).all() and audio.std() > 1e-3
     streams = stream_types(out / f"{EXAMPLE.stem}.mp4")
     assert set(streams) == {"video", "audio"}
-    assert abs(streams["video"] - 8.0) < 0.1 and abs(streams["audio"] - 8.0) < 0.1
+    assert abs(streams["video"] - picture) < 0.1 and abs(streams["audio"] - picture) < 0.1
 
 
 def test_features_give_the_video_s_audio_without_any_encoder(run, features, tmp_path):
@@ -194,7 +197,7 @@ def test_training_writes_audio_samples(run):
 def test_demo_ends_with_generated_audio(tmp_path):
     from mmaudio_lora.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", steps=2, seeds=1)
+    result = run_demo(tmp_path / "demo", steps=2, seeds=1, sampling_steps=2)
     assert [p.suffix for p in result.generated] == [".wav", ".mp4"]
     assert set(stream_types(result.generated[1])) == {"video", "audio"}
     assert [p.suffix for p in result.commercial] == [".wav", ".mp4"]  # the 20 s commercial, whole

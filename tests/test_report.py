@@ -118,4 +118,4 @@ def test_every_adapter_folder_carries_a_model_card(trained_run):
         assert "license: cc-by-nc-4.0" in front and "- mmaudio" in front
         assert "small_16k" in body and "rank 16, alpha 16" in body and "CC-BY-NC 4.0" in body
         assert "training clips | 3 (" in body and "3 held out" in body
-    assert "| steps | 3 of 6" in (trained_run / "checkpoints" / "step-000003" / "adapter" / "README.md").read_text()
+    assert "| steps | 3 trained (step 3 of 6;" in (trained_run / "checkpoints" / "step-000003" / "adapter" / "README.md").read_text()

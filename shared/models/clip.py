@@ -14,7 +14,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_model_config(sizes: dict | None = None) -> dict:
     """open_clip's configuration of the model; `sizes` ({embed_dim, vision_cfg, text_cfg}) shrink
-    its widths and depths while its input size, patch and vocabulary stay."""
+    its widths, depths (and the tiny profile's patch count) while its input size and vocabulary stay."""
     import open_clip
 
     config = copy.deepcopy(open_clip.get_model_config(MODEL_NAME))
