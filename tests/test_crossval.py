@@ -251,7 +251,7 @@ def test_names_are_text_everywhere_and_repeats_average_their_judges(features, tm
     for name in groups.values():
         assert html.escape(name) in page
     numbers = json.loads((run / "crossval.json").read_text())
-    assert numbers["repeats"] == 2 and len(numbers["folds"]) == 4 and "about the recipe" in numbers["verdict"]
+    assert numbers["repeats"] == 2 and len(numbers["folds"]) == 4 and "speaks of the recipe" in numbers["verdict"]
     assert (run / "repeat-1" / "fold-0" / "adapter").is_dir()
     first, second = [json.loads((Path(f["run"]) / "evaluation.json").read_text()) for f in numbers["folds"]
                      if f["repeat"] == 0], [json.loads((Path(f["run"]) / "evaluation.json").read_text())
@@ -364,3 +364,19 @@ def test_kad_interval_contains_its_estimate_under_no_difference():
         value, (low, high) = kad_by_source(real, generated, group_of)
         inside += low <= value <= high
     assert inside >= 0.9 * cases
+
+
+def test_a_report_that_fails_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """The report is staged in a folder of its own and put in place whole; when writing it fails,
+    neither the staging folder nor a half report is left."""
+    import evaluate.report as report
+    from evaluate.verdict import CrossValidation
+
+    def broken(*args):
+        raise RuntimeError("a plot failed")
+
+    monkeypatch.setattr(report, "_listening", broken)
+    result = CrossValidation("v", "here", [], {"steps": 1, "cfg_strength": 4.5, "seed": 42})
+    with pytest.raises(RuntimeError):
+        report.write_crossval_report(tmp_path / "crossval", result)
+    assert list(tmp_path.iterdir()) == []
