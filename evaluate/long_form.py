@@ -11,6 +11,7 @@ differences are tested over sources as every verdict is (evaluate/verdict.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from generate.model import ModelSource, resolve_source
 from generate.run import VideoEncoders
 from shared.clip_list import read_clip_list
 from shared.errors import UserError
-from shared.lora import check_adapter_file
+from shared.lora import check_adapter_file, merge_adapter
 from shared.outputs import atomic_write_text, check_not_nested
 from shared.run_record import Split, finite_or_none
 from shared.synthesis import AudioDecoder, SamplingSettings
@@ -150,13 +151,14 @@ def evaluate_long(run: Path, tsv: Path, video_root: Path, originals: Path, out: 
     window_seq = runtime.sequence()
     settings.check(window_seq)
     base = ModelSource(runtime).load()
-    tuned = source.load(lora_scale)
+    tuned = merge_adapter(copy.deepcopy(base), source.adapter, lora_scale,  # the runtime keeps one base network
+                          {"variant": runtime.variant, "profile": runtime.profile})
     decoder, judges, encoders = AudioDecoder(runtime), Judges(runtime), VideoEncoders(runtime)
     rate, mel = decoder.sampling_rate, runtime.mel_converter()
     result = LongEvaluation(runtime.variant, asdict(sampling), seeds, notes=list(judges.left_out))
     values = {metric: {} for metric in LONG_METRICS}
     for name, (video, caption) in commercials.items():
-        seconds = min(picture_duration(video), settings.max_duration)
+        seconds = min(picture_duration(video) or window_seq.window_sec, settings.max_duration)
         windows = plan_windows(seconds, window_seq, overlap_frames(settings.overlap_sec, window_seq))
         joins = [(w.start + w.held) * frame_period(window_seq) for w in windows[1:]]
         result.tracks[name] = {"video": str(video), "seconds": seconds, "windows": len(windows), "joins": joins}

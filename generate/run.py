@@ -213,12 +213,15 @@ def _prepare(request: Request, job: GenerateJob, encoders: VideoEncoders, stored
         from shared.media import load_video, picture_duration
 
         picture = picture_duration(request.video, request.start_sec, request.end_sec)
-        wanted = job.duration or picture
+        if picture is None and job.long.mode == "windows" and not job.duration:
+            log.warning("%s: the container does not say how long its picture is; voicing its first %g s",
+                        request.video.name, DEFAULT_WINDOW_SEC)
+        wanted = job.duration or picture or DEFAULT_WINDOW_SEC
         if job.long.mode == "windows" and wanted > DEFAULT_WINDOW_SEC:
             if wanted > job.long.max_duration:
                 raise MediaError(f"{wanted:.1f} s is longer than --max-duration {job.long.max_duration:g} s; "
                                  "raise it, or cut the video")
-            if job.duration and job.duration > picture + 0.05:
+            if job.duration and picture is not None and job.duration > picture + 0.05:
                 log.warning("%s: the picture lasts %.2f s; its last frame is held to fill %.2f s",
                             request.video.name, picture, job.duration)
             return Prepared(request, wanted, None, None, None, long=True)

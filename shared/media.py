@@ -355,9 +355,10 @@ def load_track(path: str | Path, rate: int) -> torch.Tensor:
     return _resample_segment(track, 0, track.shape[0], source_rate, rate).float()
 
 
-def picture_duration(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None) -> float:
+def picture_duration(path: str | Path, start_sec: float = 0.0, end_sec: float | None = None) -> float | None:
     """Seconds of picture from `start_sec` to `end_sec` (None: to the end of the video stream),
-    read from the container without decoding; raises MediaError for unusable input."""
+    read from the container without decoding (None when it does not say); raises MediaError for
+    unusable input."""
     import av
 
     path = Path(path)
@@ -374,7 +375,7 @@ def picture_duration(path: str | Path, start_sec: float = 0.0, end_sec: float | 
             elif container.duration:
                 total = container.duration / av.time_base
             else:
-                raise MediaError("the container does not say how long its picture is")
+                return None
     except av.error.FFmpegError as error:
         raise MediaError(f"cannot decode: {error}") from None
     if total - start_sec <= 0:

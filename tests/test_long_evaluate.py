@@ -35,7 +35,7 @@ def test_evaluate_long_judges_whole_held_out_commercials(tmp_path):
                             workers=0), show_progress=False)
     run = tmp_path / "run"
     train(TrainConfig(features=[str(features)], run=str(run), profile="tiny", steps=2, batch_size=2, device="cpu",
-                      val_fraction=0.3, val_every=2), show_progress=False)
+                      val_fraction=0.3, val_every=2, lr=1e-2, warmup_steps=1), show_progress=False)
     result = runner.invoke(app, ["evaluate", "--run", str(run), "--long", "--tsv", str(tsv), "--video-root",
                                  str(originals), "--steps", "1", "--seeds", "1"])
     assert result.exit_code == 0, result.output
@@ -45,7 +45,10 @@ def test_evaluate_long_judges_whole_held_out_commercials(tmp_path):
     for metric in ("desync", "kl_passt", "seam"):
         assert set(numbers["per_source"][metric]) == set(held) and metric in numbers["metrics"]
     assert "real" in numbers["per_source"]["seam"][held[0]] and numbers["verdict"] in result.output
-    assert audio_samples(run / "long_evaluation" / f"{Path(held[0]).stem}_tuned.wav") == 10 * 16000
+    audio = run / "long_evaluation"
+    assert audio_samples(audio / f"{Path(held[0]).stem}_tuned.wav") == 10 * 16000
+    assert (audio / f"{Path(held[0]).stem}_base.wav").read_bytes() != (audio / f"{Path(held[0]).stem}_tuned.wav"
+                                                                       ).read_bytes()  # two models, not one
     (originals / held[0]).rename(tmp_path / "elsewhere.mp4")
     missing = runner.invoke(app, ["evaluate", "--run", str(run), "--long", "--tsv", str(tsv), "--video-root",
                                   str(originals), "--steps", "1", "--seeds", "1", "--out", str(tmp_path / "again.json")])
