@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -248,7 +249,7 @@ CROSSVAL_ENTRIES = frozenset({MARKER, PLAN_FILE, RESULT_FILE, RECIPE_FILE, REPOR
 
 
 def _ours_here(name: str) -> bool:
-    return (name in CROSSVAL_ENTRIES or name.startswith(("fold-", "repeat-"))
+    return (name in CROSSVAL_ENTRIES or re.fullmatch(r"(fold|repeat)-\d+", name) is not None
             or (name.startswith(".") and name.endswith((".tmp", ".lock", ".old"))))
 
 

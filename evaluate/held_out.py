@@ -342,7 +342,8 @@ def check_evaluation_target(out: Path) -> Path:
     out = Path(out)
     if out.exists():
         try:
-            ours = out.is_file() and "val_flow_loss" in json.loads(out.read_text())
+            data = json.loads(out.read_text()) if out.is_file() else {}
+            ours = isinstance(data, dict) and ("val_flow_loss" in data or "per_source" in data)  # or --long's
         except (ValueError, UnicodeDecodeError):
             ours = False
         if not ours:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from evaluate.held_out import Judges
+from evaluate.held_out import Judges, check_evaluation_target
+from evaluate.report import check_report_folder
 from evaluate.verdict import PairedTest, aligned, cells_of, judge, number, verdict_sentence
 from generate.long import LongSettings, Picture, frame_period, overlap_frames, plan_windows, voice_windows, \
     window_conditions
@@ -31,7 +32,7 @@ from generate.run import VideoEncoders
 from shared.clip_list import read_clip_list
 from shared.errors import UserError
 from shared.lora import check_adapter_file, merge_adapter
-from shared.outputs import atomic_write_text, check_not_nested
+from shared.outputs import atomic_write_text, check_not_nested, mark_folder
 from shared.run_record import Split, finite_or_none
 from shared.synthesis import AudioDecoder, SamplingSettings
 
@@ -146,7 +147,8 @@ def evaluate_long(run: Path, tsv: Path, video_root: Path, originals: Path, out: 
     runtime.torch_device
     check_adapter_file(source.adapter)
     commercials = held_out_originals(run, tsv, video_root, originals)
-    audio_folder = out.with_suffix("")
+    out = check_evaluation_target(out)
+    audio_folder = check_report_folder(out.with_suffix(""))  # new, or an earlier report of ours
     check_not_nested(audio_folder, "report")
     window_seq = runtime.sequence()
     settings.check(window_seq)
@@ -154,6 +156,7 @@ def evaluate_long(run: Path, tsv: Path, video_root: Path, originals: Path, out: 
     tuned = merge_adapter(copy.deepcopy(base), source.adapter, lora_scale,  # the runtime keeps one base network
                           {"variant": runtime.variant, "profile": runtime.profile})
     decoder, judges, encoders = AudioDecoder(runtime), Judges(runtime), VideoEncoders(runtime)
+    mark_folder(audio_folder, "report")
     rate, mel = decoder.sampling_rate, runtime.mel_converter()
     result = LongEvaluation(runtime.variant, asdict(sampling), seeds, notes=list(judges.left_out))
     values = {metric: {} for metric in LONG_METRICS}

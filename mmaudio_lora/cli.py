@@ -502,6 +502,7 @@ def _evaluate_long(run: Path, tsv: Optional[Path], video_root: Optional[Path], o
                    out: Optional[Path], sampling: tuple, seeds: int, lora_scale: str, resolve_source,
                    model: tuple) -> None:
     from evaluate.long_form import evaluate_long
+    from shared.run_record import LONG_EVALUATION_FILE
     from shared.synthesis import SamplingSettings
 
     with user_errors():
@@ -512,13 +513,13 @@ def _evaluate_long(run: Path, tsv: Optional[Path], video_root: Optional[Path], o
         profile, checkpoint, weights_dir, device, precision = model
         source = resolve_source(run=run, profile=profile, checkpoint=checkpoint, weights_dir=weights_dir,
                                 device=device, precision=precision)
-        result = evaluate_long(run, tsv, root, originals or root, out or run / "long_evaluation.json", sampling,
+        result = evaluate_long(run, tsv, root, originals or root, out or run / LONG_EVALUATION_FILE, sampling,
                                seeds, _scales(lora_scale)[0], source=source)
     typer.echo(f"{result.variant}, {len(result.tracks)} held-out commercial(s) voiced whole, "
                f"{sampling.steps} sampling steps, cfg {sampling.cfg_strength:g}, {seeds} seed(s):")
     typer.echo(result.table())
     typer.echo(result.verdict())
-    numbers = out or run / "long_evaluation.json"
+    numbers = out or run / LONG_EVALUATION_FILE
     typer.echo(f"numbers: {numbers}; audio: {numbers.with_suffix('')} ({result.seconds:.0f} s)")
 
 

@@ -27,6 +27,7 @@ SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
 EVALUATION_FILE = "evaluation.json"  # evaluate's numbers (its report: evaluation/)
 EMBEDDINGS_FILE = "embeddings.safetensors"  # a cross-validation fold's PaSST embeddings, beside its evaluation
+LONG_EVALUATION_FILE = "long_evaluation.json"  # evaluate --long's numbers (its audio: long_evaluation/)
 
 
 class RunRecordError(UserError):

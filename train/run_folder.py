@@ -24,8 +24,8 @@ import torch
 
 from shared.errors import UserError
 from shared.outputs import MARKER, atomic_write_text, check_output_folder, folder_kind, mark_folder, ours
-from shared.run_record import (CONFIG_FILE, EMBEDDINGS_FILE, EVALUATION_FILE, METRICS_FILE, SPLIT_FILE, Split,
-                               checkpoint_folders, finite_or_none, read_metrics_log)
+from shared.run_record import (CONFIG_FILE, EMBEDDINGS_FILE, EVALUATION_FILE, LONG_EVALUATION_FILE, METRICS_FILE,
+                               SPLIT_FILE, Split, checkpoint_folders, finite_or_none, read_metrics_log)
 from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ STATE_FILE = "trainer_state.pt"
 # What a run folder holds when only mmaudio-lora wrote it for that run (train; evaluate's numbers and
 # report; a cross-validation fold's embeddings), besides our temporary files (.NAME.*.tmp, locks).
 RUN_ENTRIES = frozenset({MARKER, CONFIG_FILE, SPLIT_FILE, METRICS_FILE, "tensorboard", "checkpoints", "best",
-                         "adapter", "samples", EVALUATION_FILE, "evaluation", EMBEDDINGS_FILE})
+                         "adapter", "samples", EVALUATION_FILE, "evaluation", EMBEDDINGS_FILE, LONG_EVALUATION_FILE,
+                         Path(LONG_EVALUATION_FILE).stem})
 TEMPORARY = re.compile(r"^\..+\.(tmp|lock|old)$")
 
 
