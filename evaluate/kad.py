@@ -56,9 +56,8 @@ class _ClipKernels:
         def blocks(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
             kernel = torch.exp(-gamma * torch.cdist(torch.cat(a).double(), torch.cat(b).double()) ** 2)
             rows_a, rows_b = [len(x) for x in a], [len(x) for x in b]
-            starts_a, starts_b = np.cumsum([0, *rows_a]), np.cumsum([0, *rows_b])
-            sums = np.array([[float(kernel[starts_a[i]:starts_a[i + 1], starts_b[j]:starts_b[j + 1]].sum())
-                              for j in range(len(b))] for i in range(len(a))])
+            starts_a, starts_b = np.cumsum([0, *rows_a[:-1]]), np.cumsum([0, *rows_b[:-1]])
+            sums = np.add.reduceat(np.add.reduceat(kernel.numpy(), starts_a, axis=0), starts_b, axis=1)
             return sums, np.outer(rows_a, rows_b).astype(np.float64)
 
         self.real_real, self.real_pairs = blocks(real, real)
@@ -69,16 +68,20 @@ class _ClipKernels:
         self.generated_self = np.array([float(len(x)) for x in generated])
 
     @staticmethod
-    def _mean(sums: np.ndarray, pairs: np.ndarray, counts: np.ndarray, self_sum: np.ndarray | None) -> float:
-        """Mean kernel over the pairs a draw of `counts` copies per clip keeps: pairs of different
-        clips (weighted by both counts) and pairs inside one copy of a clip (weighted by its count)."""
+    def _mean(sums: np.ndarray, pairs: np.ndarray, counts: np.ndarray, self_sum: np.ndarray | None) -> np.ndarray:
+        """Mean kernel over the pairs each draw (a row of `counts`: copies per clip) keeps: pairs of
+        different clips (weighted by both counts) and pairs inside one copy of a clip (weighted by
+        its count)."""
         within = np.diagonal(sums) - (self_sum if self_sum is not None else 0.0)
         within_pairs = np.diagonal(pairs) - (self_sum if self_sum is not None else 0.0)
-        total = counts @ sums @ counts - (counts ** 2) @ np.diagonal(sums) + counts @ within
-        count = counts @ pairs @ counts - (counts ** 2) @ np.diagonal(pairs) + counts @ within_pairs
-        return total / count if count > 0 else math.nan
+        squared = counts ** 2
+        total = np.einsum("ri,ij,rj->r", counts, sums, counts) - squared @ np.diagonal(sums) + counts @ within
+        count = np.einsum("ri,ij,rj->r", counts, pairs, counts) - squared @ np.diagonal(pairs) + counts @ within_pairs
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.where(count > 0, count, 1.0), math.nan)
 
-    def distance(self, counts: np.ndarray) -> float:
+    def distance(self, counts: np.ndarray) -> np.ndarray:
+        """KAD of each draw (rows of `counts`, copies per clip)."""
         return SCALE * (self._mean(self.real_real, self.real_pairs, counts, self.real_self)
                         + self._mean(self.generated_generated, self.generated_pairs, counts, self.generated_self)
                         - 2 * self._mean(self.real_generated, self.cross_pairs, counts, None))
@@ -100,11 +103,9 @@ def kad_by_source(real: dict[str, torch.Tensor], generated: dict[str, torch.Tens
     kernels = _ClipKernels([real[c] for c in clips], [generated[c] for c in clips], _gamma(bandwidth))
     members = [sources[name] for name in sorted(sources)]
     draws = np.random.default_rng(RESAMPLING_SEED).integers(0, len(members), (RESAMPLES, len(members)))
-    values = []
-    for draw in draws:
-        counts = np.zeros(len(clips))
-        for source in draw:
-            counts[members[source]] += 1
-        values.append(kernels.distance(counts))
+    counts = np.zeros((RESAMPLES, len(clips)))
+    for source, indices in enumerate(members):  # a source drawn n times adds n copies of each of its clips
+        counts[:, indices] += (draws == source).sum(axis=1, keepdims=True)
+    values = kernels.distance(counts)
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return value, [float(low), float(high)]
