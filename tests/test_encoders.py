@@ -82,6 +82,25 @@ def test_sync_windows_follow_the_reference_segmentation(reference_dir):
     assert sync_windows(frame_index[:, :203]).shape[1] == 24  # a partial window at the end is dropped
 
 
+@pytest.mark.parametrize("patch_size", [16, 56])
+def test_sync_features_embed_each_patch_once_and_equal_the_windowed_model(patch_size):
+    """encode_sync_frames embeds the clip's 2-frame patches once and windows the tokens: the numbers
+    of the model run on each 16-frame window (and the partial window at the end left out)."""
+    from shared.models.synchformer import SynchformerConfig, encode_sync_frames
+
+    synchformer = build_synchformer(SynchformerConfig(dim=32, depth=2, num_heads=2, patch_size=patch_size)).eval()
+    generator = torch.Generator().manual_seed(0)
+    for parameter in synchformer.parameters():
+        torch.nn.init.normal_(parameter, std=0.05, generator=generator)
+    frames = torch.rand(2, 43, 3, 224, 224, generator=generator) * 2 - 1  # 4 windows and 3 frames left over
+    with torch.no_grad():
+        windowed = synchformer(sync_windows(frames))
+    assert windowed.shape == (2, 4, 8, 32)
+    for per_call in (None, 3):
+        assert torch.allclose(encode_sync_frames(synchformer, frames, per_call), windowed.flatten(1, 2),
+                              rtol=0, atol=1e-6)
+
+
 def test_one_synchformer_file_serves_the_visual_branch_and_desync(tmp_path):
     """The official file holds the whole Synchformer: features read its visual branch, DeSync the
     audio branch and sync head, each strictly, from the same file."""

@@ -15,7 +15,6 @@ from torch import nn
 from shared.models.sequence import SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE
 
 IMAGE_SIZE = 224
-PATCH_SIZE = 16
 TUBELET = 2  # frames per 3-D patch
 KEY_PREFIX = "vfeat_extractor"
 
@@ -26,6 +25,7 @@ class SynchformerConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    patch_size: int = 16  # pixels a side; the tiny profile's larger patches make fewer tokens a frame
 
 
 class DividedAttention(nn.Module):
@@ -94,15 +94,15 @@ class DividedSpaceTimeBlock(nn.Module):
 class PatchEmbed(nn.Module):
     """Kept only so the official state dict loads: the forward pass never uses it."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
 
 class PatchEmbed3D(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, patch_size: int):
         super().__init__()
-        size = (TUBELET, PATCH_SIZE, PATCH_SIZE)
+        size = (TUBELET, patch_size, patch_size)
         self.proj = nn.Conv3d(3, dim, kernel_size=size, stride=size)
 
 
@@ -125,12 +125,12 @@ class MotionFormer(nn.Module):
     def __init__(self, config: SynchformerConfig):
         super().__init__()
         dim = config.dim
-        grid = IMAGE_SIZE // PATCH_SIZE
+        grid = IMAGE_SIZE // config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
         self.temp_embed = nn.Parameter(torch.zeros(1, SYNC_WINDOW_FRAMES // TUBELET, dim))
-        self.patch_embed = PatchEmbed(dim)
-        self.patch_embed_3d = PatchEmbed3D(dim)
+        self.patch_embed = PatchEmbed(dim, config.patch_size)
+        self.patch_embed_3d = PatchEmbed3D(dim, config.patch_size)
         self.blocks = nn.ModuleList([DividedSpaceTimeBlock(dim, config.num_heads, config.mlp_ratio)
                                      for _ in range(config.depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -138,7 +138,10 @@ class MotionFormer(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """(N, C, T, H, W) → (N, T / 2, D): one feature per temporal patch."""
-        x = self.patch_embed_3d.proj(video)  # (N, D, t, h, w)
+        return self.forward_patches(self.patch_embed_3d.proj(video))
+
+    def forward_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded patches (N, D, T / 2, h, w) → (N, T / 2, D)."""
         n, dim, frames, height, width = x.shape
         x = x.flatten(2).transpose(1, 2)  # tokens in (time, row, column) order
         patch_pos = self.pos_embed[:, 1:].repeat(1, frames, 1)
@@ -174,22 +177,37 @@ def visual_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def sync_windows(frames: torch.Tensor) -> torch.Tensor:
     """(B, T, 3, H, W) → (B, S, 16, 3, H, W): windows of 16 frames with stride 8 (the tail dropped)."""
-    count = (frames.shape[1] - SYNC_WINDOW_FRAMES) // SYNC_WINDOW_STRIDE + 1
-    if count < 1:
-        raise ValueError(f"{frames.shape[1]} sync frames are fewer than one window of {SYNC_WINDOW_FRAMES}")
+    count = _window_count(frames.shape[1])
     return frames.unfold(1, SYNC_WINDOW_FRAMES, SYNC_WINDOW_STRIDE)[:, :count].movedim(-1, 2)
+
+
+def _window_count(frames: int) -> int:
+    count = (frames - SYNC_WINDOW_FRAMES) // SYNC_WINDOW_STRIDE + 1
+    if count < 1:
+        raise ValueError(f"{frames} sync frames are fewer than one window of {SYNC_WINDOW_FRAMES}")
+    return count
 
 
 @torch.no_grad()
 def encode_sync_frames(synchformer: Synchformer, frames: torch.Tensor, windows_per_call: int | None = None
                        ) -> torch.Tensor:
-    """(B, T, 3, 224, 224) sync frames → (B, 8 S, D): window after window, 8 tokens each."""
-    windows = sync_windows(frames)
-    batch, segments = windows.shape[:2]
-    flat = windows.flatten(0, 1).unsqueeze(1)  # (B S, 1, 16, 3, H, W)
+    """(B, T, 3, 224, 224) sync frames → (B, 8 S, D): window after window, 8 tokens each.
+
+    The same numbers as `synchformer(sync_windows(frames))`, for half the patch embedding: windows
+    start every 8 frames, so each window's 2-frame patches are patches of the whole clip, embedded
+    once here and shared by the two windows that hold them (nor are overlapping pixel windows copied).
+    """
+    count = _window_count(frames.shape[1])
+    used = (count - 1) * SYNC_WINDOW_STRIDE + SYNC_WINDOW_FRAMES
+    extractor = synchformer.vfeat_extractor
+    patches = extractor.patch_embed_3d.proj(frames[:, :used].transpose(1, 2))  # (B, D, used / 2, h, w)
+    per_window, stride = SYNC_WINDOW_FRAMES // TUBELET, SYNC_WINDOW_STRIDE // TUBELET
+    windows = patches.unfold(2, per_window, stride).permute(0, 2, 1, 5, 3, 4)  # (B, S, D, 8, h, w)
+    batch = windows.shape[0]
+    flat = windows.flatten(0, 1)  # (B S, D, 8, h, w)
     step = windows_per_call or flat.shape[0]
-    features = torch.cat([synchformer(flat[i:i + step]) for i in range(0, flat.shape[0], step)])
-    return features.view(batch, segments * features.shape[2], -1)
+    features = torch.cat([extractor.forward_patches(flat[i:i + step]) for i in range(0, flat.shape[0], step)])
+    return features.view(batch, count * features.shape[1], -1)
 
 
 def build_synchformer(config: SynchformerConfig = SynchformerConfig()) -> Synchformer:
