@@ -101,9 +101,10 @@ class Check:
             torch.cuda.synchronize(self.device)
 
     def fresh_memory(self) -> None:
-        """Before a measurement: what earlier sections left is freed and the peaks start anew."""
-        gc.collect()
+        """Before a measurement: what earlier sections left is freed and the peaks start anew (on
+        CUDA only: the CPU reports no peaks, and a collection costs 0.3 s each time there)."""
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 

@@ -3,7 +3,6 @@ MMAudio's trainer uses, and every rank makes the same choices."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

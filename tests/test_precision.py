@@ -74,9 +74,11 @@ def test_every_command_runs_its_mixed_precision_path(features, tmp_path):
 
     runner = CliRunner()
     root = features.parent
+    two_clips = tmp_path / "two.tsv"  # the path is what is tested: two clips take it as six do, in a third of the time
+    two_clips.write_text("".join((root / "clips.tsv").read_text().splitlines(keepends=True)[:3]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = runner.invoke(app, ["features", "--tsv", str(root / "clips.tsv"), "--video-root", str(root / "videos"),
+        result = runner.invoke(app, ["features", "--tsv", str(two_clips), "--video-root", str(root / "videos"),
                                      "--out", str(tmp_path / "features"), "--profile", "tiny", "--variant", "small_16k",
                                      "--workers", "0", "--precision", "bf16"])
         assert result.exit_code == 0, result.output
