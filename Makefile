@@ -29,8 +29,8 @@ $(UV):
 
 # --locked: install exactly the lock, and stop if pyproject.toml no longer agrees with it.
 # --compile-bytecode: every package compiled once here, not by each process that imports it (where
-# PYTHONDONTWRITEBYTECODE is set, as on our CI, nothing is ever cached: torch and open_clip took 17 s
-# to import in every process, 4.5 s compiled).
+# PYTHONDONTWRITEBYTECODE is set, as on our development machines, nothing is ever cached: torch and
+# open_clip took 17 s to import in every process, 4.5 s compiled).
 $(STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --locked --extra test --compile-bytecode --python $(PYTHON)
 	touch $(STAMP)
