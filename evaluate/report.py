@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
@@ -48,28 +48,41 @@ def _pyplot():
     return plt
 
 
-def _spectrograms(path: Path, mels: dict[str, torch.Tensor], rate: int, hop: int) -> None:
-    """Real, base and tuned log-mels side by side on one colour scale."""
-    plt = _pyplot()
-    low = min(float(m.min()) for m in mels.values())
-    high = max(float(m.max()) for m in mels.values())
-    # fixed margins, not a layout engine: the layout is the same for every clip, and solving it took
-    # half of the figure's 0.4 s (a report draws one figure per held-out clip)
-    width = 4 * len(mels)
-    figure, axes = plt.subplots(1, len(mels), figsize=(width, 2.6), sharey=True, squeeze=False)
-    axes = axes[0]
-    figure.subplots_adjust(left=0.7 / width, right=1 - 1.1 / width, bottom=0.19, top=0.88, wspace=0.06)
-    for axis, (name, mel) in zip(axes, mels.items()):
-        seconds = mel.shape[1] * hop / rate
-        image = axis.imshow(mel.numpy(), origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma",
-                            extent=(0, seconds, 0, mel.shape[0]))
-        axis.set_title(name)
-        axis.set_xlabel("seconds")
-    axes[0].set_ylabel("mel bin")
-    colorbar_axis = figure.add_axes((1 - 0.9 / width, 0.19, 0.12 / width, 0.69))
-    figure.colorbar(image, cax=colorbar_axis, label="log-mel")
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+class _Spectrograms:
+    """Real, base and tuned log-mels side by side on one colour scale, a file per clip. One figure,
+    drawn again for each clip: making it anew cost as much as drawing it. Fixed margins, not a
+    layout engine: the layout is the same for every clip, and solving it cost as much again."""
+
+    def __init__(self, names: list[str]):
+        import numpy as np
+
+        self.plt = _pyplot()
+        width = 4 * len(names)
+        self.figure, axes = self.plt.subplots(1, len(names), figsize=(width, 2.6), sharey=True, squeeze=False)
+        self.axes = list(axes[0])
+        self.figure.subplots_adjust(left=0.7 / width, right=1 - 1.1 / width, bottom=0.19, top=0.88, wspace=0.06)
+        self.images = [axis.imshow(np.zeros((1, 1)), origin="lower", aspect="auto", cmap="magma")
+                       for axis in self.axes]
+        for axis, name in zip(self.axes, names):
+            axis.set_title(name)
+            axis.set_xlabel("seconds")
+        self.axes[0].set_ylabel("mel bin")
+        colorbar_axis = self.figure.add_axes((1 - 0.9 / width, 0.19, 0.12 / width, 0.69))
+        self.figure.colorbar(self.images[0], cax=colorbar_axis, label="log-mel")
+
+    def draw(self, path: Path, mels: list[torch.Tensor], rate: int, hop: int) -> None:
+        low, high = min(float(m.min()) for m in mels), max(float(m.max()) for m in mels)
+        for axis, image, mel in zip(self.axes, self.images, mels):
+            seconds = mel.shape[1] * hop / rate
+            image.set_data(mel.numpy())
+            image.set_extent((0, seconds, 0, mel.shape[0]))
+            image.set_clim(low, high)
+            axis.set_xlim(0, seconds)
+            axis.set_ylim(0, mel.shape[0])
+        self.figure.savefig(path, dpi=80)
+
+    def close(self) -> None:
+        self.plt.close(self.figure)
 
 
 def _strip(path: Path, source: dict) -> bool:
@@ -272,31 +285,35 @@ def _write_evaluation_page(staging: Path, run: Path, result, real: tuple[dict, d
 
     real_mels, real_audio = real
     sections = []
-    for clip_id in result.clips:
-        mels = {"real (stored latent)": real_mels[clip_id], "base": generated["base"].mels[clip_id],
-                "tuned": generated["tuned"].mels[clip_id]}
-        audio = {"real": real_audio[clip_id], "base": generated["base"].audio[clip_id],
-                 "tuned": generated["tuned"].audio[clip_id]}
-        players = []
-        for label, key in zip(mels, audio):
-            name = f"audio/{clip_id}_{key}.wav"
-            if bool(torch.isfinite(audio[key]).all()):
-                write_wav(staging / name, audio[key], rate)
-                players.append(f'<div><span>{label}</span><audio controls preload="none" src="{_link(name)}"></audio></div>')
+    with closing(_Spectrograms(["real (stored latent)", "base", "tuned"])) as spectrograms:  # one figure, every clip
+        for clip_id in result.clips:
+            mels = {"real (stored latent)": real_mels[clip_id], "base": generated["base"].mels[clip_id],
+                    "tuned": generated["tuned"].mels[clip_id]}
+            audio = {"real": real_audio[clip_id], "base": generated["base"].audio[clip_id],
+                     "tuned": generated["tuned"].audio[clip_id]}
+            players = []
+            for label, key in zip(mels, audio):
+                name = f"audio/{clip_id}_{key}.wav"
+                if bool(torch.isfinite(audio[key]).all()):
+                    write_wav(staging / name, audio[key], rate)
+                    players.append(f'<div><span>{label}</span>'
+                                   f'<audio controls preload="none" src="{_link(name)}"></audio></div>')
+                else:
+                    players.append(f'<div><span>{label}</span><span class="note">not finite: no audio</span></div>')
+            spectrograms.draw(staging / "images" / f"{clip_id}_mel.png", [torch.nan_to_num(m) for m in mels.values()],
+                              rate, hop)
+            source = sources.get(clip_id)
+            if source is not None and _strip(staging / "images" / f"{clip_id}_frames.png", source):
+                picture = (f'<img alt="frames of {html.escape(clip_id)}" '
+                           f'src="{_link(f"images/{clip_id}_frames.png")}">')
             else:
-                players.append(f'<div><span>{label}</span><span class="note">not finite: no audio</span></div>')
-        _spectrograms(staging / "images" / f"{clip_id}_mel.png", {k: torch.nan_to_num(m) for k, m in mels.items()},
-                      rate, hop)
-        source = sources.get(clip_id)
-        if source is not None and _strip(staging / "images" / f"{clip_id}_frames.png", source):
-            picture = (f'<img alt="frames of {html.escape(clip_id)}" '
-                       f'src="{_link(f"images/{clip_id}_frames.png")}">')
-        else:
-            picture = '<p class="note">No picture: the feature folder does not point to a readable source video.</p>'
-        sections.append(
-            f'<div class="clip"><h3>{html.escape(clip_id)}</h3><p>{html.escape(captions.get(clip_id, ""))}</p>'
-            f"{picture}<div class=players>{''.join(players)}</div><p>{_clip_values(result, clip_id)}</p>"
-            f'<img alt="log-mel spectrograms of {html.escape(clip_id)}" src="{_link(f"images/{clip_id}_mel.png")}"></div>')
+                picture = ('<p class="note">No picture: the feature folder does not point to a readable source '
+                           'video.</p>')
+            sections.append(
+                f'<div class="clip"><h3>{html.escape(clip_id)}</h3><p>{html.escape(captions.get(clip_id, ""))}</p>'
+                f"{picture}<div class=players>{''.join(players)}</div><p>{_clip_values(result, clip_id)}</p>"
+                f'<img alt="log-mel spectrograms of {html.escape(clip_id)}" '
+                f'src="{_link(f"images/{clip_id}_mel.png")}"></div>')
     curves = ('<img alt="training curves" src="images/curves.png">' if _curves(staging / "images" / "curves.png", run,
                                                                               result.checkpoints)
               else '<p class="note">No metrics.jsonl in the run folder.</p>')
