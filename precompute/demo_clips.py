@@ -34,7 +34,10 @@ def _event_times(spec: ClipSpec) -> np.ndarray:
 
 
 def _active(times: np.ndarray, t: np.ndarray, length: float = 0.25) -> np.ndarray:
-    return ((t[:, None] >= times[None]) & (t[:, None] < times[None] + length)).any(axis=1)
+    """Whether each time in `t` falls within `length` after an event (`times` sorted): the latest
+    event at or before it decides, since every earlier one ends sooner."""
+    latest = np.searchsorted(times, t, side="right") - 1
+    return (latest >= 0) & (t < times[np.maximum(latest, 0)] + length)
 
 
 def write_clip(path: str | Path, spec: ClipSpec) -> Path:

@@ -101,7 +101,9 @@ def vocoder_from_state_dict(mode: str, state_dict: dict[str, torch.Tensor], prof
     from shared.checkpoint import load_strict
     from shared.models.vocoder import bigvgan_generator, inference_form, legacy_weight_norm_names
 
-    generator = bigvgan_generator(vocoder_hyperparameters(mode, profile, config_file))
+    with torch.device("meta"):  # every tensor comes from the state dict: no random initialisation to overwrite
+        generator = bigvgan_generator(vocoder_hyperparameters(mode, profile, config_file))
+    generator = generator.to_empty(device="cpu")
     load_strict(generator, legacy_weight_norm_names(state_dict), source, f"the {mode} vocoder")
     return inference_form(generator)
 

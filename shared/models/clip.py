@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +66,21 @@ class ClipEncoder(nn.Module):
         return F.normalize(model.ln_final(x), dim=-1)
 
 
+@functools.cache
+def _tokenizer():
+    """open_clip's BPE tokenizer, built once a process (reading its vocabulary takes 0.2 s); it
+    keeps no state between calls."""
+    import open_clip
+
+    return open_clip.get_tokenizer(MODEL_NAME)
+
+
 def build_clip(sizes: dict | None = None) -> ClipEncoder:
     """The architecture (official, or at `sizes`) with zeroed weights, to be filled or loaded.
 
     Built on the meta device: a random initialisation of 1 B parameters costs seconds and is
     overwritten anyway. The one table that is not a weight, the text tower's causal mask, is
     made again as open_clip makes it."""
-    import open_clip
     from open_clip.model import CLIP
 
     config = clip_model_config(sizes)
@@ -86,4 +95,4 @@ def build_clip(sizes: dict | None = None) -> ClipEncoder:
             tensor.zero_()
         context = model.attn_mask.shape[0]
         model.attn_mask = torch.full((context, context), float("-inf")).triu_(1)
-    return ClipEncoder(model.eval(), open_clip.get_tokenizer(MODEL_NAME))
+    return ClipEncoder(model.eval(), _tokenizer())
