@@ -8,7 +8,6 @@ interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -180,7 +179,7 @@ def _run_locked(job: FeatureJob, show_progress: bool) -> FeatureSummary:
     from shared.distributed import Ranks
 
     ranks = Ranks.from_environment(job.runtime.device)
-    with contextlib.closing(ranks):
+    with ranks:
         if ranks.device is not None:
             job = replace(job, runtime=job.runtime.on(ranks.device))
         job.runtime.torch_device  # an unusable --device is refused before the work folder exists

@@ -71,6 +71,18 @@ class Ranks:
                 dist.destroy_process_group()
             self.grouped = False
 
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """The group ends together after a success: every rank first waits for rank 0 to finish
+        writing. A gloo process that tore its group down and exited while its peer was still busy
+        was seen to abort at exit ("terminate called without an active exception"). After a
+        failure each rank leaves at once (torchrun stops the others)."""
+        if kind is None:
+            self.barrier()
+        self.close()
+
     def barrier(self) -> None:
         if self.grouped:
             import torch.distributed as dist

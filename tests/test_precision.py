@@ -2,8 +2,10 @@
 work under NCCL. What a GPU would hit first (dtype mismatches, slow fallbacks) shows up here."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -113,6 +115,26 @@ def test_collectives_run_in_a_process_group(tmp_path):
         ranks.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_group_ends_together_after_a_success_and_at_once_after_a_failure(tmp_path, monkeypatch):
+    """Leaving a job's `with ranks:` waits at a barrier for every rank (rank 0 may still be writing)
+    only when the job succeeded, then ends the group; a failure leaves without waiting."""
+    import torch.distributed as dist
+
+    from shared.distributed import Ranks
+
+    waits = []
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: waits.append("barrier"))
+    for index, fails in enumerate((False, True)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'group{index}'}", rank=0, world_size=1)
+        ranks = Ranks(rank=0, world_size=1, device=CPU, grouped=True)
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            with ranks:
+                if fails:
+                    raise RuntimeError("rank 0 failed")
+        assert not dist.is_initialized() and not ranks.grouped
+    assert waits == ["barrier"]  # the success only
 
 
 def test_sync_features_are_float32_whatever_the_precision():

@@ -402,7 +402,7 @@ def train(config: TrainConfig, resume: bool = False, show_progress: bool = True,
     if config.batch_size % ranks.world_size:
         raise UserError(f"batch size {config.batch_size} is not divisible by the {ranks.world_size} processes")
     run = Path(config.run)
-    with folder_lock(run, "train"), contextlib.closing(ranks):
+    with folder_lock(run, "train"), ranks:
         # Every check first (folder, device, features, split, network, checkpoint): an earlier run
         # replaced with --overwrite is deleted only once the new one is sure to start.
         ranks.main_first(lambda: check_run_folder(config, resume, overwrite))
